@@ -1,0 +1,332 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class FeatureType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FEATURE_TYPE_UNSPECIFIED: _ClassVar[FeatureType]
+    FEATURE_TYPE_NUMERIC: _ClassVar[FeatureType]
+    FEATURE_TYPE_CATEGORICAL: _ClassVar[FeatureType]
+FEATURE_TYPE_UNSPECIFIED: FeatureType
+FEATURE_TYPE_NUMERIC: FeatureType
+FEATURE_TYPE_CATEGORICAL: FeatureType
+
+class FeatureSpec(_message.Message):
+    __slots__ = ("name", "type", "edges", "vocabulary", "reference_counts")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    VOCABULARY_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: FeatureType
+    edges: _containers.RepeatedScalarFieldContainer[float]
+    vocabulary: _containers.RepeatedScalarFieldContainer[str]
+    reference_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[_Union[FeatureType, str]] = ..., edges: _Optional[_Iterable[float]] = ..., vocabulary: _Optional[_Iterable[str]] = ..., reference_counts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class LatencySpec(_message.Message):
+    __slots__ = ("reference_kll",)
+    REFERENCE_KLL_FIELD_NUMBER: _ClassVar[int]
+    reference_kll: bytes
+    def __init__(self, reference_kll: _Optional[bytes] = ...) -> None: ...
+
+class Spec(_message.Message):
+    __slots__ = ("model", "model_version", "features", "prediction", "latency", "window_length_s", "hash", "created_unix_s", "reference_rows")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_LENGTH_S_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    features: _containers.RepeatedCompositeFieldContainer[FeatureSpec]
+    prediction: FeatureSpec
+    latency: LatencySpec
+    window_length_s: int
+    hash: str
+    created_unix_s: int
+    reference_rows: int
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., features: _Optional[_Iterable[_Union[FeatureSpec, _Mapping]]] = ..., prediction: _Optional[_Union[FeatureSpec, _Mapping]] = ..., latency: _Optional[_Union[LatencySpec, _Mapping]] = ..., window_length_s: _Optional[int] = ..., hash: _Optional[str] = ..., created_unix_s: _Optional[int] = ..., reference_rows: _Optional[int] = ...) -> None: ...
+
+class Histogram(_message.Message):
+    __slots__ = ("counts",)
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, counts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class FeatureHistogram(_message.Message):
+    __slots__ = ("name", "histogram")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    histogram: Histogram
+    def __init__(self, name: _Optional[str] = ..., histogram: _Optional[_Union[Histogram, _Mapping]] = ...) -> None: ...
+
+class WindowReport(_message.Message):
+    __slots__ = ("device_id", "model", "model_version", "labels", "window_start_unix_s", "window_length_s", "seq", "spec_hash", "event_count", "error_count", "features", "prediction", "latency_kll", "late_event_count", "invalid_value_count", "unknown_feature_count", "spool_dropped_count", "created_unix_ms", "agent_version")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_START_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_LENGTH_S_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SPEC_HASH_FIELD_NUMBER: _ClassVar[int]
+    EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_KLL_FIELD_NUMBER: _ClassVar[int]
+    LATE_EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    INVALID_VALUE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_FEATURE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SPOOL_DROPPED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    model: str
+    model_version: str
+    labels: _containers.ScalarMap[str, str]
+    window_start_unix_s: int
+    window_length_s: int
+    seq: int
+    spec_hash: str
+    event_count: int
+    error_count: int
+    features: _containers.RepeatedCompositeFieldContainer[FeatureHistogram]
+    prediction: Histogram
+    latency_kll: bytes
+    late_event_count: int
+    invalid_value_count: int
+    unknown_feature_count: int
+    spool_dropped_count: int
+    created_unix_ms: int
+    agent_version: str
+    def __init__(self, device_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., window_start_unix_s: _Optional[int] = ..., window_length_s: _Optional[int] = ..., seq: _Optional[int] = ..., spec_hash: _Optional[str] = ..., event_count: _Optional[int] = ..., error_count: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureHistogram, _Mapping]]] = ..., prediction: _Optional[_Union[Histogram, _Mapping]] = ..., latency_kll: _Optional[bytes] = ..., late_event_count: _Optional[int] = ..., invalid_value_count: _Optional[int] = ..., unknown_feature_count: _Optional[int] = ..., spool_dropped_count: _Optional[int] = ..., created_unix_ms: _Optional[int] = ..., agent_version: _Optional[str] = ...) -> None: ...
+
+class ReportEnvelope(_message.Message):
+    __slots__ = ("report", "signature", "key_id")
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    report: bytes
+    signature: bytes
+    key_id: str
+    def __init__(self, report: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
+
+class Summary(_message.Message):
+    __slots__ = ("report_count", "event_count", "error_count", "features", "prediction", "latency_kll", "late_event_count", "invalid_value_count", "unknown_feature_count", "spool_dropped_count")
+    REPORT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_KLL_FIELD_NUMBER: _ClassVar[int]
+    LATE_EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    INVALID_VALUE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_FEATURE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SPOOL_DROPPED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    report_count: int
+    event_count: int
+    error_count: int
+    features: _containers.RepeatedCompositeFieldContainer[FeatureHistogram]
+    prediction: Histogram
+    latency_kll: bytes
+    late_event_count: int
+    invalid_value_count: int
+    unknown_feature_count: int
+    spool_dropped_count: int
+    def __init__(self, report_count: _Optional[int] = ..., event_count: _Optional[int] = ..., error_count: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureHistogram, _Mapping]]] = ..., prediction: _Optional[_Union[Histogram, _Mapping]] = ..., latency_kll: _Optional[bytes] = ..., late_event_count: _Optional[int] = ..., invalid_value_count: _Optional[int] = ..., unknown_feature_count: _Optional[int] = ..., spool_dropped_count: _Optional[int] = ...) -> None: ...
+
+class ReportResponse(_message.Message):
+    __slots__ = ("status", "seq")
+    class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATUS_UNSPECIFIED: _ClassVar[ReportResponse.Status]
+        ACCEPTED: _ClassVar[ReportResponse.Status]
+        DUPLICATE: _ClassVar[ReportResponse.Status]
+    STATUS_UNSPECIFIED: ReportResponse.Status
+    ACCEPTED: ReportResponse.Status
+    DUPLICATE: ReportResponse.Status
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    status: ReportResponse.Status
+    seq: int
+    def __init__(self, status: _Optional[_Union[ReportResponse.Status, str]] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class GetSpecRequest(_message.Message):
+    __slots__ = ("model", "model_version", "hash")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    hash: str
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., hash: _Optional[str] = ...) -> None: ...
+
+class PushSpecResponse(_message.Message):
+    __slots__ = ("hash", "created")
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    hash: str
+    created: bool
+    def __init__(self, hash: _Optional[str] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class ListSpecsRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ListSpecsResponse(_message.Message):
+    __slots__ = ("specs",)
+    SPECS_FIELD_NUMBER: _ClassVar[int]
+    specs: _containers.RepeatedCompositeFieldContainer[Spec]
+    def __init__(self, specs: _Optional[_Iterable[_Union[Spec, _Mapping]]] = ...) -> None: ...
+
+class CohortHealthRequest(_message.Message):
+    __slots__ = ("model", "model_version", "selector", "group_by", "start_unix_s", "end_unix_s")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    selector: _containers.ScalarMap[str, str]
+    group_by: _containers.RepeatedScalarFieldContainer[str]
+    start_unix_s: int
+    end_unix_s: int
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., group_by: _Optional[_Iterable[str]] = ..., start_unix_s: _Optional[int] = ..., end_unix_s: _Optional[int] = ...) -> None: ...
+
+class FeatureDrift(_message.Message):
+    __slots__ = ("name", "count", "psi", "js_distance", "ks", "wasserstein", "wasserstein_norm", "missing_rate")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    PSI_FIELD_NUMBER: _ClassVar[int]
+    JS_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    KS_FIELD_NUMBER: _ClassVar[int]
+    WASSERSTEIN_FIELD_NUMBER: _ClassVar[int]
+    WASSERSTEIN_NORM_FIELD_NUMBER: _ClassVar[int]
+    MISSING_RATE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    count: int
+    psi: float
+    js_distance: float
+    ks: float
+    wasserstein: float
+    wasserstein_norm: float
+    missing_rate: float
+    def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ..., psi: _Optional[float] = ..., js_distance: _Optional[float] = ..., ks: _Optional[float] = ..., wasserstein: _Optional[float] = ..., wasserstein_norm: _Optional[float] = ..., missing_rate: _Optional[float] = ...) -> None: ...
+
+class CohortHealth(_message.Message):
+    __slots__ = ("cohort", "model", "model_version", "spec_hash", "start_unix_s", "end_unix_s", "devices", "reports", "events", "errors", "error_rate", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "latency_rank_error", "features", "prediction", "late_events", "invalid_values", "unknown_features", "spool_dropped")
+    class CohortEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    COHORT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SPEC_HASH_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P95_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_RANK_ERROR_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    LATE_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    INVALID_VALUES_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    SPOOL_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    cohort: _containers.ScalarMap[str, str]
+    model: str
+    model_version: str
+    spec_hash: str
+    start_unix_s: int
+    end_unix_s: int
+    devices: int
+    reports: int
+    events: int
+    errors: int
+    error_rate: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+    latency_rank_error: float
+    features: _containers.RepeatedCompositeFieldContainer[FeatureDrift]
+    prediction: FeatureDrift
+    late_events: int
+    invalid_values: int
+    unknown_features: int
+    spool_dropped: int
+    def __init__(self, cohort: _Optional[_Mapping[str, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., spec_hash: _Optional[str] = ..., start_unix_s: _Optional[int] = ..., end_unix_s: _Optional[int] = ..., devices: _Optional[int] = ..., reports: _Optional[int] = ..., events: _Optional[int] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., latency_rank_error: _Optional[float] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., prediction: _Optional[_Union[FeatureDrift, _Mapping]] = ..., late_events: _Optional[int] = ..., invalid_values: _Optional[int] = ..., unknown_features: _Optional[int] = ..., spool_dropped: _Optional[int] = ...) -> None: ...
+
+class CohortHealthResponse(_message.Message):
+    __slots__ = ("cohorts",)
+    COHORTS_FIELD_NUMBER: _ClassVar[int]
+    cohorts: _containers.RepeatedCompositeFieldContainer[CohortHealth]
+    def __init__(self, cohorts: _Optional[_Iterable[_Union[CohortHealth, _Mapping]]] = ...) -> None: ...
+
+class ListCohortsRequest(_message.Message):
+    __slots__ = ("model", "model_version", "start_unix_s", "end_unix_s")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    start_unix_s: int
+    end_unix_s: int
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., start_unix_s: _Optional[int] = ..., end_unix_s: _Optional[int] = ...) -> None: ...
+
+class LabelValues(_message.Message):
+    __slots__ = ("key", "values")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListCohortsResponse(_message.Message):
+    __slots__ = ("label_sets", "keys")
+    LABEL_SETS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    label_sets: _containers.RepeatedScalarFieldContainer[str]
+    keys: _containers.RepeatedCompositeFieldContainer[LabelValues]
+    def __init__(self, label_sets: _Optional[_Iterable[str]] = ..., keys: _Optional[_Iterable[_Union[LabelValues, _Mapping]]] = ...) -> None: ...
