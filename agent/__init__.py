@@ -1,0 +1,16 @@
+"""fleetwatch agent: summarize a model's inputs, outputs and latency on the device."""
+
+from agent.errors import ConfigError, FleetwatchError, SpecError, ValidationError
+from agent.monitor import Monitor, MonitorStats
+from agent.spec import FeatureSpec, Spec
+
+__all__ = [
+    "ConfigError",
+    "FeatureSpec",
+    "FleetwatchError",
+    "Monitor",
+    "MonitorStats",
+    "Spec",
+    "SpecError",
+    "ValidationError",
+]

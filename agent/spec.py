@@ -85,7 +85,7 @@ class FeatureSpec:
 
     @property
     def histogram_length(self) -> int:
-        """Length of this feature's histogram: bins plus underflow/overflow or other, plus missing."""
+        """Bins plus underflow and overflow (or other), plus missing."""
         if self.type == NUMERIC:
             return len(self.edges) + 2
         return len(self.vocabulary) + 2

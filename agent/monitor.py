@@ -1,0 +1,381 @@
+"""`Monitor`: the instrumentation API a model's host code calls.
+
+    from agent import Monitor
+
+    with Monitor(model="detector", model_version="3", device_id="cam-0042",
+                 labels={"region": "eu", "hw": "jetson"},
+                 aggregator="fleet.example:7070", spool_dir="/var/lib/fleetwatch") as mon:
+        y = model(x)
+        mon.observe({"brightness": x.brightness, "scene": x.scene}, prediction=y,
+                    latency_ms=elapsed_ms)
+
+`observe` never raises into the model's code and does no I/O: it bins the event into the open
+window's accumulator. Closed windows are turned into reports, written to the durable spool and
+uploaded by one background thread (or by `flush()` when `background=False`).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import pathlib
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from agent.errors import ConfigError, SpecError
+from agent.spec import Spec
+from agent.spool import Spool, SpoolStats
+from agent.summary import Summary
+from agent.upload import Backoff, DeliveryResult, Uploader
+from agent.window import WindowAccumulator, window_start
+from agent.wire import ReportMeta, report_to_proto, spec_from_proto
+from protos import fleetwatch_pb2 as pb
+
+__all__ = ["Monitor", "MonitorStats"]
+
+logger = logging.getLogger(__name__)
+
+AGENT_VERSION = "fleetwatch-agent/0.1.0"
+MAX_LABELS = 32
+MAX_LABEL_LEN = 128
+GET_SPEC_METHOD = "/fleetwatch.v1.Ingest/GetSpec"
+
+
+@dataclass(frozen=True)
+class MonitorStats:
+    events: int
+    events_without_spec: int
+    windows_closed: int
+    internal_errors: int
+    spool: SpoolStats
+    last_delivery_error: str | None
+
+
+def _default_spool_dir(device_id: str) -> pathlib.Path:
+    base = os.environ.get("FLEETWATCH_SPOOL_DIR")
+    if base:
+        return pathlib.Path(base) / device_id
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return pathlib.Path(state) / "fleetwatch" / device_id
+
+
+def _check_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    if len(labels) > MAX_LABELS:
+        raise ConfigError(f"labels: at most {MAX_LABELS} labels, got {len(labels)}")
+    out = {}
+    for k, v in labels.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ConfigError(f"labels: keys and values must be strings, got {k!r}={v!r}")
+        if not k or len(k) > MAX_LABEL_LEN or len(v) > MAX_LABEL_LEN:
+            raise ConfigError(f"labels: key {k!r}: keys must be 1-{MAX_LABEL_LEN} characters "
+                              f"and values at most {MAX_LABEL_LEN}")
+        if any(c in k for c in ",=") or any(c in v for c in ",="):
+            raise ConfigError(f"labels: {k!r}={v!r}: ',' and '=' are not allowed (they "
+                              "separate selector terms)")
+        out[k] = v
+    return out
+
+
+class Monitor:
+    """Summarizes a model's predictions per time window and ships them to the aggregator.
+
+    Args:
+        model, model_version: which spec to follow.
+        device_id: this device's stable identity (the dedup key with `seq`).
+        labels: the device's cohort labels, e.g. {"region": "eu", "hw": "jetson"}.
+        aggregator: "host:port" of the aggregator's gRPC endpoint.
+        spool_dir: where the durable spool lives (default: $FLEETWATCH_SPOOL_DIR/<device> or
+            ~/.local/state/fleetwatch/<device>).
+        clock: returns the current time in seconds; windows follow it (default time.time).
+        spec: a Spec (or a path to spec JSON) to use instead of fetching it.
+        channel: an existing gRPC channel to share (the caller keeps ownership).
+        background: run the uploader thread; with False, call `flush()` to deliver.
+        grace_s: how long a closed window still takes out-of-order events.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        model_version: str,
+        device_id: str,
+        labels: Mapping[str, str] | None = None,
+        aggregator: str | None = None,
+        spool_dir: str | os.PathLike[str] | None = None,
+        clock: Callable[[], float] | None = None,
+        *,
+        spec: Spec | str | os.PathLike[str] | None = None,
+        channel: grpc.Channel | None = None,
+        background: bool = True,
+        grace_s: float = 2.0,
+        max_spool_reports: int = 10_000,
+        max_spool_bytes: int = 64 << 20,
+        rpc_timeout_s: float = 10.0,
+        backoff_base_s: float = 0.5,
+        backoff_cap_s: float = 60.0,
+        tick_s: float = 1.0,
+    ) -> None:
+        if not model or not model_version:
+            raise ConfigError("model and model_version must be non-empty")
+        if not device_id or not isinstance(device_id, str) or len(device_id) > 256:
+            raise ConfigError("device_id must be a non-empty string of at most 256 characters")
+        if aggregator is None and channel is None:
+            raise ConfigError("give aggregator='host:port' (or a gRPC channel)")
+        if grace_s < 0:
+            raise ConfigError("grace_s must not be negative")
+        self.model = model
+        self.model_version = model_version
+        self.device_id = device_id
+        self.labels = _check_labels(labels or {})
+        self.clock = clock or time.time
+        self.grace_s = grace_s
+        self._tick_s = tick_s
+        self._owns_channel = channel is None
+        self._channel = channel or grpc.insecure_channel(aggregator)  # type: ignore[arg-type]
+        self._rpc_timeout_s = rpc_timeout_s
+        self._get_spec = self._channel.unary_unary(
+            GET_SPEC_METHOD, request_serializer=pb.GetSpecRequest.SerializeToString,
+            response_deserializer=pb.Spec.FromString)
+        spool_path = pathlib.Path(spool_dir) if spool_dir else _default_spool_dir(device_id)
+        self.spool = Spool(spool_path / "spool.sqlite", max_reports=max_spool_reports,
+                           max_bytes=max_spool_bytes)
+        self._uploader = Uploader(self.spool, self._channel, rpc_timeout_s=rpc_timeout_s)
+        self._backoff = Backoff(backoff_base_s, backoff_cap_s)
+        self._next_attempt = 0.0
+        self._deliver_lock = threading.Lock()
+
+        self._lock = threading.Lock()
+        self._open: dict[int, WindowAccumulator] = {}
+        self._closed: collections.deque[WindowAccumulator] = collections.deque()
+        self._events = 0
+        self._events_without_spec = 0
+        self._windows_closed = 0
+        self._internal_errors = 0
+        self._closed_flag = False
+
+        self.spec: Spec | None = None
+        if spec is not None:
+            self._set_spec(spec if isinstance(spec, Spec) else Spec.load(spec))
+        else:
+            self._load_spec(initial=True)
+
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._run, name=f"fleetwatch-{device_id}",
+                                            daemon=True)
+            self._thread.start()
+
+    # -- spec ----------------------------------------------------------------------------------
+
+    def _set_spec(self, spec: Spec) -> None:
+        if spec.model != self.model or spec.model_version != self.model_version:
+            raise SpecError("model", f"spec is for {spec.model}/{spec.model_version}, this "
+                            f"monitor for {self.model}/{self.model_version}")
+        self.spec = spec
+        self.spool.cache_spec(self.model, self.model_version, spec.hash, spec.to_json())
+
+    def _load_spec(self, initial: bool = False) -> bool:
+        """Fetch the spec from the aggregator, falling back to the spool's cached copy."""
+        try:
+            msg = self._get_spec(pb.GetSpecRequest(model=self.model,
+                                                   model_version=self.model_version),
+                                 timeout=min(self._rpc_timeout_s, 5.0))
+            spec = spec_from_proto(msg)
+            with self._lock:
+                self._set_spec(spec)
+            return True
+        except (grpc.RpcError, SpecError) as e:
+            reason = e.details() if isinstance(e, grpc.RpcError) else str(e)
+        if initial:
+            cached = self.spool.cached_spec(self.model, self.model_version)
+            if cached:
+                self.spec = Spec.from_json(cached)
+                logger.info("using the cached spec %s (aggregator: %s)", self.spec.hash[:12],
+                            reason)
+                return True
+        logger.warning("no spec for %s/%s yet (%s); events are counted but not summarized "
+                       "until it arrives", self.model, self.model_version, reason)
+        return False
+
+    # -- the hot path --------------------------------------------------------------------------
+
+    def observe(self, features: Mapping[str, Any], prediction: Any = None,
+                latency_ms: float | None = None, error: bool = False) -> None:
+        """Record one prediction. Never raises; problems are counted."""
+        try:
+            with self._lock:
+                acc, late = self._window_for(self.clock())
+                if acc is None:
+                    return
+                acc.observe(features, prediction, latency_ms, bool(error), late)
+                self._events += 1
+        except Exception as e:  # the model's code must never see our failures
+            self._count_internal_error(e)
+        if self._closed:
+            self._wake.set()
+
+    def observe_batch(self, features: Mapping[str, Any], predictions: Any = None,
+                      latency_ms: Any = None, errors: Any = None) -> None:
+        """Record a batch of predictions given as numpy arrays of equal length."""
+        try:
+            n = self._batch_length(features, predictions, latency_ms, errors)
+            if n == 0:
+                return
+            with self._lock:
+                acc, late = self._window_for(self.clock(), n)
+                if acc is None:
+                    return
+                acc.observe_batch(features, predictions, latency_ms, errors, n, late)
+                self._events += n
+        except Exception as e:
+            self._count_internal_error(e)
+        if self._closed:
+            self._wake.set()
+
+    @staticmethod
+    def _batch_length(features: Mapping[str, Any], predictions: Any, latency_ms: Any,
+                      errors: Any) -> int:
+        lengths = {name: np.shape(v)[0] if np.ndim(v) else 1 for name, v in features.items()}
+        for name, v in (("predictions", predictions), ("latency_ms", latency_ms),
+                        ("errors", errors)):
+            if v is not None:
+                lengths[name] = np.shape(v)[0] if np.ndim(v) else 1
+        distinct = set(lengths.values())
+        if len(distinct) > 1:
+            raise ValueError(f"arrays differ in length: {lengths}")
+        return distinct.pop() if distinct else 0
+
+    def _window_for(self, t: float, n: int = 1) -> tuple[WindowAccumulator | None, bool]:
+        spec = self.spec
+        if spec is None:
+            self._events_without_spec += n
+            return None, False
+        ws = window_start(t, spec.window_length_s)
+        acc = self._open.get(ws)
+        if acc is not None:
+            return acc, False
+        if self._open and ws < max(self._open):
+            # Its window already closed: count the event in the newest window, as late.
+            return self._open[max(self._open)], True
+        acc = WindowAccumulator(spec, ws)
+        self._open[ws] = acc
+        self._close_expired(t)
+        return acc, False
+
+    def _close_expired(self, now: float) -> None:
+        """Move windows whose end plus grace has passed to the closed queue (lock held)."""
+        for ws in sorted(self._open):
+            acc = self._open[ws]
+            if acc.end_unix_s + self.grace_s <= now:
+                del self._open[ws]
+                self._closed.append(acc)
+
+    def _count_internal_error(self, exc: Exception) -> None:
+        self._internal_errors += 1
+        if self._internal_errors in (1, 10, 100, 1000) or self._internal_errors % 10000 == 0:
+            logger.error("fleetwatch monitor internal error #%d (the event was dropped): %r",
+                         self._internal_errors, exc, exc_info=exc)
+
+    # -- closing windows and delivering -------------------------------------------------------
+
+    def _spool_closed(self) -> None:
+        """Turn closed windows into reports in the spool (I/O: never on the hot path)."""
+        while True:
+            with self._lock:
+                if not self._closed:
+                    return
+                acc = self._closed.popleft()
+            summary = acc.to_summary()
+            spec_hash = acc.spec.hash
+
+            def build(seq: int, dropped: int, acc: WindowAccumulator = acc,
+                      summary: Summary = summary, spec_hash: str = spec_hash) -> bytes:
+                summary.spool_dropped_count = dropped
+                meta = ReportMeta(
+                    device_id=self.device_id, model=self.model, model_version=self.model_version,
+                    labels=self.labels, window_start_unix_s=acc.start_unix_s,
+                    window_length_s=acc.spec.window_length_s, seq=seq, spec_hash=spec_hash,
+                    created_unix_ms=int(time.time() * 1000), agent_version=AGENT_VERSION)
+                report = report_to_proto(meta, summary).SerializeToString()
+                return pb.ReportEnvelope(report=report).SerializeToString()
+
+            self.spool.enqueue(acc.start_unix_s, build)
+            self._windows_closed += 1
+
+    def _deliver(self, deadline: float | None) -> DeliveryResult:
+        with self._deliver_lock:
+            result = self._uploader.deliver(deadline)
+        if result is DeliveryResult.RETRY_LATER:
+            self._next_attempt = time.monotonic() + self._backoff.next_delay_s()
+        elif result is DeliveryResult.EMPTY:
+            self._backoff.reset()
+            self._next_attempt = 0.0
+        return result
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.spec is None and time.monotonic() >= self._next_attempt:
+                    if not self._load_spec():
+                        self._next_attempt = time.monotonic() + self._backoff.next_delay_s()
+                with self._lock:
+                    self._close_expired(self.clock())
+                self._spool_closed()
+                if self.spec is not None and time.monotonic() >= self._next_attempt:
+                    self._deliver(None)
+            except Exception:
+                logger.exception("fleetwatch background loop error")
+            wait = self._tick_s
+            if self._next_attempt:
+                wait = max(0.05, min(wait, self._next_attempt - time.monotonic()))
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Close every open window and try to deliver everything spooled.
+
+        Returns True when the spool is empty afterwards (everything acknowledged)."""
+        deadline = time.monotonic() + timeout_s
+        if self.spec is None:
+            self._load_spec()
+        with self._lock:
+            self._closed.extend(self._open[ws] for ws in sorted(self._open))
+            self._open.clear()
+        self._spool_closed()
+        return self._deliver(deadline) is DeliveryResult.EMPTY
+
+    def stats(self) -> MonitorStats:
+        return MonitorStats(self._events, self._events_without_spec, self._windows_closed,
+                            self._internal_errors, self.spool.stats(), self._uploader.last_error)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Flush, stop the background thread and release the spool. Idempotent."""
+        if self._closed_flag:
+            return
+        self._closed_flag = True
+        try:
+            self.flush(timeout_s)
+        finally:
+            self._stop.set()
+            self._wake.set()
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+            if self._owns_channel:
+                self._channel.close()
+            self.spool.close()
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+

@@ -1,0 +1,189 @@
+"""The durable on-device spool: one SQLite file (WAL, synchronous=FULL) per device.
+
+It holds the outbox of serialized report envelopes keyed by `seq`, the next `seq`, the cached
+specs, and a dead-letter table for reports the aggregator refused for good. A report leaves the
+outbox only when the aggregator acknowledged it, so a crash or restart loses nothing that was
+spooled. The spool is bounded: past `max_reports` or `max_bytes` the oldest reports are dropped,
+and the drop is counted and carried by the next report (never silent).
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.errors import ConfigError
+
+__all__ = ["Spool", "SpoolStats", "SpooledReport"]
+
+logger = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY,
+    window_start INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS specs (
+    model TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    json TEXT NOT NULL,
+    PRIMARY KEY (model, model_version)
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq INTEGER PRIMARY KEY,
+    payload BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class SpooledReport:
+    seq: int
+    window_start: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class SpoolStats:
+    pending: int
+    pending_bytes: int
+    dropped_total: int
+    dead_letters: int
+    next_seq: int
+
+
+class Spool:
+    """A durable outbox. Thread-safe; every method is one short transaction."""
+
+    def __init__(self, path: str | pathlib.Path, *, max_reports: int = 10_000,
+                 max_bytes: int = 64 << 20) -> None:
+        if max_reports < 1:
+            raise ConfigError("max_reports must be at least 1")
+        if max_bytes < 1024:
+            raise ConfigError("max_bytes must be at least 1024")
+        self.path = pathlib.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_reports = max_reports
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                   timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    # -- outbox ------------------------------------------------------------------------------
+
+    def enqueue(self, window_start: int, build: Callable[[int, int], bytes]) -> int:
+        """Allocate the next seq, build the payload with `build(seq, dropped_unreported)` and
+        store it, all in one transaction. Returns the seq."""
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                seq = self._get(cur, "next_seq", 1)
+                dropped = self._get(cur, "dropped_unreported", 0)
+                payload = build(seq, dropped)
+                cur.execute("INSERT INTO outbox (seq, window_start, payload, created_ms) "
+                            "VALUES (?, ?, ?, ?)",
+                            (seq, window_start, payload, int(time.time() * 1000)))
+                self._set(cur, "next_seq", seq + 1)
+                self._set(cur, "dropped_unreported", 0)
+                self._enforce_bounds(cur, keep_seq=seq)
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+        return seq
+
+    def _enforce_bounds(self, cur: sqlite3.Cursor, keep_seq: int) -> None:
+        n, size = cur.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox").fetchone()
+        dropped = 0
+        while (n > self.max_reports or size > self.max_bytes) and n > 1:
+            seq, length = cur.execute(
+                "SELECT seq, LENGTH(payload) FROM outbox WHERE seq != ? ORDER BY seq LIMIT 1",
+                (keep_seq,)).fetchone()
+            cur.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+            n -= 1
+            size -= length
+            dropped += 1
+        if dropped:
+            logger.warning("spool full: dropped the %d oldest report(s)", dropped)
+            self._set(cur, "dropped_unreported", self._get(cur, "dropped_unreported", 0) + dropped)
+            self._set(cur, "dropped_total", self._get(cur, "dropped_total", 0) + dropped)
+
+    def pending(self, limit: int = 100) -> list[SpooledReport]:
+        """The oldest unacknowledged reports, in seq order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, window_start, payload FROM outbox ORDER BY seq LIMIT ?",
+                (limit,)).fetchall()
+        return [SpooledReport(seq, ws, bytes(p)) for seq, ws, p in rows]
+
+    def ack(self, seq: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+
+    def dead_letter(self, seq: int, reason: str) -> None:
+        """Move a report the aggregator refused for good out of the outbox, keeping it."""
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                cur.execute("INSERT OR REPLACE INTO dead_letters (seq, payload, reason, created_ms)"
+                            " SELECT seq, payload, ?, ? FROM outbox WHERE seq = ?",
+                            (reason[:1000], int(time.time() * 1000), seq))
+                cur.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+
+    def stats(self) -> SpoolStats:
+        with self._lock:
+            cur = self._db.cursor()
+            n, size = cur.execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox").fetchone()
+            dead = cur.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+            return SpoolStats(n, size, self._get(cur, "dropped_total", 0), dead,
+                              self._get(cur, "next_seq", 1))
+
+    # -- spec cache --------------------------------------------------------------------------
+
+    def cached_spec(self, model: str, model_version: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT json FROM specs WHERE model = ? AND model_version = ?",
+                                   (model, model_version)).fetchone()
+        return row[0] if row else None
+
+    def cache_spec(self, model: str, model_version: str, spec_hash: str, text: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO specs (model, model_version, hash, json) "
+                             "VALUES (?, ?, ?, ?)", (model, model_version, spec_hash, text))
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _get(cur: sqlite3.Cursor, key: str, default: int) -> int:
+        row = cur.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row else default
+
+    @staticmethod
+    def _set(cur: sqlite3.Cursor, key: str, value: int) -> None:
+        cur.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,108 @@
+"""Deliver spooled report envelopes to the aggregator, oldest first, with capped backoff.
+
+The uploader only moves bytes: the spool decides what is pending, the aggregator decides what
+is a duplicate. A report leaves the spool when the aggregator answered ACCEPTED or DUPLICATE
+(both mean "durably merged"), or when it refused the report for good (INVALID_ARGUMENT: moved
+to the dead-letter table, kept for inspection). Anything else is retried later.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from agent.spool import Spool
+from protos import fleetwatch_pb2 as pb
+
+__all__ = ["Backoff", "DeliveryResult", "Uploader", "REPORT_METHOD"]
+
+logger = logging.getLogger(__name__)
+
+REPORT_METHOD = "/fleetwatch.v1.Ingest/Report"
+
+# Refusals that no retry can fix: the report itself is malformed.
+_PERMANENT = {grpc.StatusCode.INVALID_ARGUMENT}
+
+
+class DeliveryResult(enum.Enum):
+    EMPTY = "empty"          # nothing left to send
+    RETRY_LATER = "retry"    # the aggregator is unreachable or refused for now
+    DEADLINE = "deadline"    # the caller's deadline ran out with reports left
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff with full jitter (AWS architecture blog, 2015)."""
+
+    base_s: float = 0.5
+    cap_s: float = 60.0
+    attempt: int = 0
+    rng: random.Random | None = None
+
+    def next_delay_s(self) -> float:
+        rng = self.rng or random
+        ceiling = min(self.cap_s, self.base_s * (2 ** min(self.attempt, 30)))
+        self.attempt += 1
+        # Never zero: a zero delay would make a down aggregator a busy loop.
+        return max(self.base_s / 2, rng.uniform(0, ceiling))
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Uploader:
+    """Sends pending envelopes over one gRPC channel."""
+
+    def __init__(self, spool: Spool, channel: grpc.Channel, *, rpc_timeout_s: float = 10.0) -> None:
+        self.spool = spool
+        self.rpc_timeout_s = rpc_timeout_s
+        self._send = channel.unary_unary(
+            REPORT_METHOD,
+            request_serializer=lambda b: b,  # the spool holds serialized envelopes
+            response_deserializer=pb.ReportResponse.FromString,
+        )
+        self.sent = 0
+        self.duplicates = 0
+        self.refused = 0
+        self.last_error: str | None = None
+
+    def deliver(self, deadline: float | None = None) -> DeliveryResult:
+        """Send pending reports in seq order until none is left, one fails, or the deadline
+        (a `time.monotonic()` value) passes."""
+        while True:
+            batch = self.spool.pending(limit=64)
+            if not batch:
+                return DeliveryResult.EMPTY
+            for item in batch:
+                timeout = self.rpc_timeout_s
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return DeliveryResult.DEADLINE
+                    timeout = min(timeout, left)
+                try:
+                    resp = self._send(item.payload, timeout=timeout)
+                except grpc.RpcError as e:
+                    code = e.code() if hasattr(e, "code") else None
+                    detail = e.details() if hasattr(e, "details") else str(e)
+                    if code in _PERMANENT:
+                        self.refused += 1
+                        logger.error("aggregator refused report seq=%d for good (%s): %s; "
+                                     "kept in the dead-letter table", item.seq, code, detail)
+                        self.spool.dead_letter(item.seq, f"{code}: {detail}")
+                        continue
+                    self.last_error = f"{code}: {detail}"
+                    logger.info("delivery of seq=%d failed (%s: %s); will retry", item.seq,
+                                code, detail)
+                    return DeliveryResult.RETRY_LATER
+                if resp.status == pb.ReportResponse.DUPLICATE:
+                    self.duplicates += 1
+                else:
+                    self.sent += 1
+                self.spool.ack(item.seq)
+                self.last_error = None

@@ -1,0 +1,151 @@
+"""Cohort health: select label sets, merge their rollups over a time range, score them.
+
+Nothing is precomputed per cohort: any selector and any grouping works, because the rollups are
+kept per label set and summaries merge.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from agent.spec import Spec
+from agent.summary import Summary
+from aggregator.drift import DriftScores, feature_drift
+from aggregator.store.base import LabelSet, Store, rollup_resolutions, time_cover
+
+__all__ = ["CohortHealth", "QueryError", "cohort_health", "list_cohorts", "resolve_range"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RANGE_S = 3600
+NONE_VALUE = ""  # group value for label sets that lack the group key
+
+
+class QueryError(ValueError):
+    """A query that cannot be answered as asked (unknown model, bad range)."""
+
+
+@dataclass(frozen=True)
+class CohortHealth:
+    cohort: Mapping[str, str]
+    model: str
+    model_version: str
+    spec_hash: str
+    start_unix_s: int
+    end_unix_s: int
+    devices: int
+    reports: int
+    events: int
+    errors: int
+    error_rate: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+    latency_rank_error: float
+    features: Sequence[tuple[str, DriftScores]] = field(default_factory=tuple)
+    prediction: DriftScores | None = None
+    late_events: int = 0
+    invalid_values: int = 0
+    unknown_features: int = 0
+    spool_dropped: int = 0
+
+
+def resolve_spec(store: Store, model: str, model_version: str = "") -> Spec:
+    spec = store.get_spec(model, model_version)
+    if spec is None:
+        known = sorted({s.model for s in store.list_specs()})
+        what = f"{model}/{model_version}" if model_version else model
+        raise QueryError(f"no spec registered for model {what!r} (known models: "
+                         f"{', '.join(known) or 'none'}); push one with `fleetwatch spec push`")
+    return spec
+
+
+def resolve_range(start: int, end: int, window_length_s: int,
+                  now: float | None = None) -> tuple[int, int]:
+    """[start, end) in window starts, aligned outward to whole windows.
+
+    end 0 means now; start 0 means end minus one hour."""
+    if end <= 0:
+        end = int(time.time() if now is None else now)
+    if start <= 0:
+        start = end - DEFAULT_RANGE_S
+    if start >= end:
+        raise QueryError(f"empty time range: start {start} is not before end {end}")
+    length = window_length_s
+    return (start // length) * length, -(-end // length) * length
+
+
+def _latency_quantiles(summary: Summary) -> tuple[float, float, float]:
+    if summary.latency.is_empty():
+        return math.nan, math.nan, math.nan
+    p50, p95, p99 = summary.latency.get_quantiles([0.5, 0.95, 0.99])
+    return float(p50), float(p95), float(p99)
+
+
+def _group_key(ls: LabelSet, group_by: Sequence[str]) -> tuple[str, ...]:
+    return tuple(ls.labels.get(k, NONE_VALUE) for k in group_by)
+
+
+def cohort_health(store: Store, model: str, model_version: str = "",
+                  selector: Mapping[str, str] | None = None, group_by: Sequence[str] = (),
+                  start: int = 0, end: int = 0, now: float | None = None) -> list[CohortHealth]:
+    """Health of every cohort of the selection, grouped by `group_by` keys (sorted by key)."""
+    selector = dict(selector or {})
+    spec = resolve_spec(store, model, model_version)
+    lo, hi = resolve_range(start, end, spec.window_length_s, now)
+    cover = time_cover(lo, hi, rollup_resolutions(spec.window_length_s))
+    groups: dict[tuple[str, ...], list[LabelSet]] = {}
+    for ls in store.label_sets(spec.hash):
+        if ls.matches(selector):
+            groups.setdefault(_group_key(ls, group_by), []).append(ls)
+    out = []
+    for key in sorted(groups):
+        members = groups[key]
+        per_set = store.merged_rollups(spec.hash, (ls.id for ls in members), cover)
+        if not per_set:
+            continue
+        merged = Summary.zero(spec)
+        for s in per_set.values():
+            merged.merge_in(s)
+        p50, p95, p99 = _latency_quantiles(merged)
+        cohort = dict(selector)
+        cohort.update(zip(group_by, key, strict=True))
+        out.append(CohortHealth(
+            cohort=cohort,
+            model=spec.model,
+            model_version=spec.model_version,
+            spec_hash=spec.hash,
+            start_unix_s=lo,
+            end_unix_s=hi,
+            devices=store.device_count(spec.hash, per_set.keys(), lo, hi),
+            reports=merged.report_count,
+            events=merged.event_count,
+            errors=merged.error_count,
+            error_rate=merged.error_count / merged.event_count if merged.event_count else math.nan,
+            latency_p50_ms=p50,
+            latency_p95_ms=p95,
+            latency_p99_ms=p99,
+            latency_rank_error=merged.latency.normalized_rank_error(False)
+            if not merged.latency.is_empty() else 0.0,
+            features=tuple((f.name, feature_drift(f, merged.features[f.name]))
+                           for f in spec.features),
+            prediction=(feature_drift(spec.prediction, merged.prediction)
+                        if spec.prediction is not None and merged.prediction is not None
+                        else None),
+            late_events=merged.late_event_count,
+            invalid_values=merged.invalid_value_count,
+            unknown_features=merged.unknown_feature_count,
+            spool_dropped=merged.spool_dropped_count,
+        ))
+    return out
+
+
+def list_cohorts(store: Store, model: str, model_version: str = "") -> list[LabelSet]:
+    spec = resolve_spec(store, model, model_version)
+    return store.label_sets(spec.hash)
+
+

@@ -1,0 +1,105 @@
+"""The storage interface the ingest and query paths are written against."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from agent.spec import Spec
+from agent.summary import Summary
+from agent.wire import ReportMeta
+
+__all__ = ["IngestOutcome", "LabelSet", "Store", "canonical_labels", "parse_labels",
+           "rollup_resolutions", "time_cover"]
+
+DAY_S = 86400
+HOUR_S = 3600
+
+
+class IngestOutcome(enum.Enum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    id: int
+    labels: Mapping[str, str]
+
+    def matches(self, selector: Mapping[str, str]) -> bool:
+        return all(self.labels.get(k) == v for k, v in selector.items())
+
+
+def canonical_labels(labels: Mapping[str, str]) -> str:
+    """The interned form of a label set: "k1=v1,k2=v2" with keys sorted."""
+    return ",".join(f"{k}={labels[k]}" for k in sorted(labels))
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """Parse "k=v,k2=v2" (the canonical form, and the CLI's selector syntax)."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{part!r} is not of the form key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def rollup_resolutions(window_length_s: int) -> tuple[int, ...]:
+    """Resolutions kept for a spec, finest first: the window itself, then hour and day when
+    they are whole multiples of it."""
+    out = [window_length_s]
+    for r in (HOUR_S, DAY_S):
+        if r > out[-1] and r % out[-1] == 0:
+            out.append(r)
+    return tuple(out)
+
+
+def time_cover(start: int, end: int, resolutions: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """Cover window starts in [start, end) with as few rollup rows as possible.
+
+    Returns (resolution, range_start, range_end) triples: rows of that resolution whose
+    bucket start lies in [range_start, range_end) together hold exactly the windows starting
+    in [start, end). `start` and `end` must be multiples of the finest resolution."""
+    if start >= end:
+        return []
+    coarse, rest = resolutions[-1], resolutions[:-1]
+    lo = -(-start // coarse) * coarse
+    hi = (end // coarse) * coarse
+    if not rest:
+        return [(coarse, start, end)]
+    if lo >= hi:
+        return time_cover(start, end, rest)
+    return time_cover(start, lo, rest) + [(coarse, lo, hi)] + time_cover(hi, end, rest)
+
+
+class Store(Protocol):
+    """What the aggregator needs from a database. Implementations are thread-safe."""
+
+    def put_spec(self, spec: Spec) -> bool: ...
+
+    def get_spec(self, model: str, model_version: str = "", spec_hash: str = "") -> Spec | None:
+        ...
+
+    def list_specs(self, model: str = "") -> list[Spec]: ...
+
+    def ingest(self, meta: ReportMeta, envelope: bytes, summary: Summary,
+               resolutions: tuple[int, ...]) -> IngestOutcome:
+        """Deduplicate on (device_id, seq), store the raw envelope and merge the summary into
+        every resolution's rollup, all in one transaction."""
+        ...
+
+    def label_sets(self, spec_hash: str) -> list[LabelSet]: ...
+
+    def merged_rollups(self, spec_hash: str, label_set_ids: Iterable[int],
+                       cover: list[tuple[int, int, int]]) -> dict[int, Summary]:
+        """Per label set, the merge of its rollups over the cover (absent when none)."""
+        ...
+
+    def device_count(self, spec_hash: str, label_set_ids: Iterable[int], start: int,
+                     end: int) -> int: ...
+
+    def close(self) -> None: ...

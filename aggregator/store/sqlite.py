@@ -1,0 +1,241 @@
+"""The embedded default store: one SQLite file in WAL mode.
+
+One writer connection behind a lock (SQLite allows one writer at a time anyway) and one reader
+connection per thread, so queries never wait for ingest commits.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+
+from agent.spec import Spec
+from agent.summary import Summary
+from agent.wire import ReportMeta, summary_from_proto, summary_to_proto
+from aggregator.store.base import IngestOutcome, LabelSet, canonical_labels, parse_labels
+from protos import fleetwatch_pb2 as pb
+
+__all__ = ["SqliteStore"]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS specs (
+    hash TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    json TEXT NOT NULL,
+    registered_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS specs_by_model ON specs (model, model_version, registered_ms);
+CREATE TABLE IF NOT EXISTS label_sets (
+    id INTEGER PRIMARY KEY,
+    canonical TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS spec_label_sets (
+    spec_hash TEXT NOT NULL,
+    label_set INTEGER NOT NULL,
+    PRIMARY KEY (spec_hash, label_set)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reports (
+    device_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    spec_hash TEXT NOT NULL,
+    label_set INTEGER NOT NULL,
+    window_start INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    envelope BLOB NOT NULL,
+    PRIMARY KEY (device_id, seq)
+);
+CREATE INDEX IF NOT EXISTS reports_by_window ON reports (spec_hash, window_start, label_set);
+CREATE TABLE IF NOT EXISTS rollups (
+    spec_hash TEXT NOT NULL,
+    resolution INTEGER NOT NULL,
+    window_start INTEGER NOT NULL,
+    label_set INTEGER NOT NULL,
+    summary BLOB NOT NULL,
+    PRIMARY KEY (spec_hash, resolution, window_start, label_set)
+) WITHOUT ROWID;
+"""
+
+
+class SqliteStore:
+    """`Store` on one SQLite file."""
+
+    def __init__(self, path: str | pathlib.Path) -> None:
+        self.path = pathlib.Path(path)
+        if self.path.parent and not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_lock = threading.Lock()
+        self._writer = self._connect()
+        self._writer.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a process crash; FULL also survives power loss.
+        self._writer.execute("PRAGMA synchronous=FULL")
+        self._writer.executescript(_SCHEMA)
+        row = self._writer.execute("SELECT version FROM schema_version").fetchone()
+        if row is None:
+            self._writer.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+        elif row[0] != SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path}: schema version {row[0]}, this build knows "
+                               f"{SCHEMA_VERSION}")
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._label_cache: dict[str, int] = {}
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                             timeout=60)
+        db.execute("PRAGMA busy_timeout=60000")
+        return db
+
+    def _reader(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._connect()
+            self._local.db = db
+            with self._write_lock:
+                self._readers.append(db)
+        return db
+
+    # -- specs -------------------------------------------------------------------------------
+
+    def put_spec(self, spec: Spec) -> bool:
+        with self._write_lock:
+            cur = self._writer.execute(
+                "INSERT OR IGNORE INTO specs (hash, model, model_version, json, registered_ms) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (spec.hash, spec.model, spec.model_version, spec.to_json(),
+                 int(time.time() * 1000)))
+            return cur.rowcount == 1
+
+    def get_spec(self, model: str, model_version: str = "", spec_hash: str = "") -> Spec | None:
+        db = self._reader()
+        if spec_hash:
+            row = db.execute("SELECT json FROM specs WHERE hash = ?", (spec_hash,)).fetchone()
+        elif model_version:
+            row = db.execute("SELECT json FROM specs WHERE model = ? AND model_version = ? "
+                             "ORDER BY registered_ms DESC, rowid DESC LIMIT 1",
+                             (model, model_version)).fetchone()
+        else:
+            row = db.execute("SELECT json FROM specs WHERE model = ? "
+                             "ORDER BY registered_ms DESC, rowid DESC LIMIT 1",
+                             (model,)).fetchone()
+        return Spec.from_json(row[0]) if row else None
+
+    def list_specs(self, model: str = "") -> list[Spec]:
+        db = self._reader()
+        if model:
+            rows = db.execute("SELECT json FROM specs WHERE model = ? ORDER BY registered_ms",
+                              (model,)).fetchall()
+        else:
+            rows = db.execute("SELECT json FROM specs ORDER BY model, registered_ms").fetchall()
+        return [Spec.from_json(r[0]) for r in rows]
+
+    # -- ingest ------------------------------------------------------------------------------
+
+    def _label_set_id(self, cur: sqlite3.Cursor, labels: dict[str, str]) -> int:
+        canonical = canonical_labels(labels)
+        cached = self._label_cache.get(canonical)
+        if cached is not None:
+            return cached
+        cur.execute("INSERT OR IGNORE INTO label_sets (canonical) VALUES (?)", (canonical,))
+        lid = cur.execute("SELECT id FROM label_sets WHERE canonical = ?",
+                          (canonical,)).fetchone()[0]
+        self._label_cache[canonical] = lid
+        return lid
+
+    def ingest(self, meta: ReportMeta, envelope: bytes, summary: Summary,
+               resolutions: tuple[int, ...]) -> IngestOutcome:
+        with self._write_lock:
+            cur = self._writer.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                lid = self._label_set_id(cur, dict(meta.labels))
+                cur.execute(
+                    "INSERT OR IGNORE INTO reports (device_id, seq, spec_hash, label_set, "
+                    "window_start, received_ms, envelope) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (meta.device_id, meta.seq, meta.spec_hash, lid, meta.window_start_unix_s,
+                     int(time.time() * 1000), envelope))
+                if cur.rowcount == 0:
+                    cur.execute("ROLLBACK")
+                    return IngestOutcome.DUPLICATE
+                cur.execute("INSERT OR IGNORE INTO spec_label_sets VALUES (?, ?)",
+                            (meta.spec_hash, lid))
+                for res in resolutions:
+                    bucket = (meta.window_start_unix_s // res) * res
+                    row = cur.execute(
+                        "SELECT summary FROM rollups WHERE spec_hash = ? AND resolution = ? "
+                        "AND window_start = ? AND label_set = ?",
+                        (meta.spec_hash, res, bucket, lid)).fetchone()
+                    if row is None:
+                        merged = summary
+                    else:
+                        merged = summary_from_proto(pb.Summary.FromString(row[0]))
+                        merged.merge_in(summary)
+                    cur.execute(
+                        "INSERT OR REPLACE INTO rollups (spec_hash, resolution, window_start, "
+                        "label_set, summary) VALUES (?, ?, ?, ?, ?)",
+                        (meta.spec_hash, res, bucket, lid,
+                         summary_to_proto(merged).SerializeToString()))
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                self._label_cache.clear()  # an interned id may have been rolled back
+                raise
+        return IngestOutcome.ACCEPTED
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def label_sets(self, spec_hash: str) -> list[LabelSet]:
+        rows = self._reader().execute(
+            "SELECT l.id, l.canonical FROM spec_label_sets s JOIN label_sets l "
+            "ON l.id = s.label_set WHERE s.spec_hash = ? ORDER BY l.canonical",
+            (spec_hash,)).fetchall()
+        return [LabelSet(lid, parse_labels(canonical)) for lid, canonical in rows]
+
+    def merged_rollups(self, spec_hash: str, label_set_ids: Iterable[int],
+                       cover: list[tuple[int, int, int]]) -> dict[int, Summary]:
+        ids = sorted(set(label_set_ids))
+        out: dict[int, Summary] = {}
+        if not ids:
+            return out
+        db = self._reader()
+        marks = ",".join("?" * len(ids))
+        for res, lo, hi in cover:
+            rows = db.execute(
+                f"SELECT label_set, summary FROM rollups WHERE spec_hash = ? AND resolution = ? "
+                f"AND window_start >= ? AND window_start < ? AND label_set IN ({marks})",
+                (spec_hash, res, lo, hi, *ids))
+            for lid, blob in rows:
+                s = summary_from_proto(pb.Summary.FromString(blob))
+                if lid in out:
+                    out[lid].merge_in(s)
+                else:
+                    out[lid] = s
+        return out
+
+    def device_count(self, spec_hash: str, label_set_ids: Iterable[int], start: int,
+                     end: int) -> int:
+        ids = sorted(set(label_set_ids))
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        row = self._reader().execute(
+            f"SELECT COUNT(DISTINCT device_id) FROM reports WHERE spec_hash = ? "
+            f"AND window_start >= ? AND window_start < ? AND label_set IN ({marks})",
+            (spec_hash, start, end, *ids)).fetchone()
+        return int(row[0])
+
+    def close(self) -> None:
+        with self._write_lock:
+            for db in self._readers:
+                db.close()
+            self._readers.clear()
+            self._writer.close()

@@ -1,0 +1,123 @@
+"""Validation of untrusted reports against their spec, before anything is stored or merged.
+
+Every check names the field it refused, and maps to a rejection reason that the ingest path
+counts. Nothing here hands untrusted sketch bytes to datasketches: `aggregator.kll_check` reads
+the layout first.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.errors import ValidationError
+from agent.spec import Spec
+from agent.summary import Summary
+from agent.wire import ReportMeta, report_from_proto
+from aggregator.kll_check import load_kll_floats
+from protos import fleetwatch_pb2 as pb
+
+__all__ = ["Limits", "validate_report"]
+
+_COUNT_FIELDS = ("event_count", "error_count", "late_event_count", "invalid_value_count",
+                 "unknown_feature_count", "spool_dropped_count")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one report may carry."""
+
+    max_labels: int = 32
+    max_label_len: int = 128
+    max_device_id_len: int = 256
+    max_events_per_report: int = 1 << 32
+    max_future_s: int = 86400     # window starts further ahead of our clock are refused
+    max_sketch_bytes: int = 1 << 20
+
+
+def _fail(field: str, message: str) -> ValidationError:
+    return ValidationError(field, message)
+
+
+def _check_meta(msg: pb.WindowReport, spec: Spec, limits: Limits, now: float) -> None:
+    if not msg.device_id or len(msg.device_id) > limits.max_device_id_len:
+        raise _fail("device_id", f"must be 1-{limits.max_device_id_len} characters")
+    if msg.model != spec.model or msg.model_version != spec.model_version:
+        raise _fail("model", f"report is for {msg.model}/{msg.model_version} but its spec hash "
+                    f"belongs to {spec.model}/{spec.model_version}")
+    if msg.seq < 1:
+        raise _fail("seq", "must be at least 1")
+    if len(msg.labels) > limits.max_labels:
+        raise _fail("labels", f"at most {limits.max_labels} labels, got {len(msg.labels)}")
+    for k, v in msg.labels.items():
+        if not k or len(k) > limits.max_label_len or len(v) > limits.max_label_len:
+            raise _fail("labels", f"label {k[:40]!r}: key must be 1-{limits.max_label_len} "
+                        f"characters, value at most {limits.max_label_len}")
+        if "," in k or "=" in k or "," in v or "=" in v:
+            raise _fail("labels", f"label {k[:40]!r}: ',' and '=' are not allowed")
+    if msg.window_length_s != spec.window_length_s:
+        raise _fail("window_length_s", f"{msg.window_length_s} does not match the spec's "
+                    f"{spec.window_length_s}")
+    if msg.window_start_unix_s % spec.window_length_s != 0:
+        raise _fail("window_start_unix_s", f"{msg.window_start_unix_s} is not aligned to the "
+                    f"window length {spec.window_length_s}")
+    if msg.window_start_unix_s < 0:
+        raise _fail("window_start_unix_s", "must not be negative")
+    if msg.window_start_unix_s > now + limits.max_future_s:
+        raise _fail("window_start_unix_s", f"{msg.window_start_unix_s} is more than "
+                    f"{limits.max_future_s} s ahead of the aggregator's clock")
+    for name in _COUNT_FIELDS:
+        if getattr(msg, name) > limits.max_events_per_report:
+            raise _fail(name, f"{getattr(msg, name)} is absurd (limit "
+                        f"{limits.max_events_per_report})")
+    if msg.error_count > msg.event_count:
+        raise _fail("error_count", f"{msg.error_count} errors in {msg.event_count} events")
+    if msg.late_event_count > msg.event_count:
+        raise _fail("late_event_count", "more late events than events")
+
+
+def _check_histogram(field: str, counts: np.ndarray, length: int, events: int) -> None:
+    if counts.shape[0] != length:
+        raise _fail(field, f"expected {length} bins, got {counts.shape[0]}")
+    if (counts < 0).any():
+        raise _fail(field, "negative count")
+    total = int(counts.sum())
+    if total != events:
+        raise _fail(field, f"counts add up to {total}, the report has {events} events")
+
+
+def validate_report(msg: pb.WindowReport, spec: Spec, limits: Limits = Limits(),
+                    now: float | None = None) -> tuple[ReportMeta, Summary]:
+    """Check a parsed report against its spec and return its domain form.
+
+    Raises ValidationError (or its subclass SketchError) naming the field."""
+    now = time.time() if now is None else now
+    _check_meta(msg, spec, limits, now)
+    names = [f.name for f in msg.features]
+    if names != list(spec.feature_names):
+        missing = sorted(set(spec.feature_names) - set(names))
+        extra = sorted(set(names) - set(spec.feature_names))
+        raise _fail("features", f"must list the spec's features in spec order "
+                    f"(missing {missing[:5]}, unexpected {[e[:40] for e in extra[:5]]})")
+    if spec.prediction is not None and not msg.HasField("prediction"):
+        raise _fail("prediction", "the spec has a prediction summary; the report has none")
+    if spec.prediction is None and msg.HasField("prediction"):
+        raise _fail("prediction", "the spec has no prediction summary")
+    if len(msg.latency_kll) > limits.max_sketch_bytes:
+        raise _fail("latency_kll", f"{len(msg.latency_kll)} bytes is over the limit of "
+                    f"{limits.max_sketch_bytes}")
+    meta, summary = report_from_proto(
+        msg, load_kll=lambda b: load_kll_floats(b, max_bytes=limits.max_sketch_bytes,
+                                                max_n=max(msg.event_count, 1)))
+    for f in spec.features:
+        _check_histogram(f"features[{f.name!r}]", summary.features[f.name], f.histogram_length,
+                         msg.event_count)
+    if spec.prediction is not None and summary.prediction is not None:
+        _check_histogram("prediction", summary.prediction, spec.prediction.histogram_length,
+                         msg.event_count)
+    if summary.latency.n > msg.event_count:
+        raise _fail("latency_kll", f"sketch holds {summary.latency.n} latencies for "
+                    f"{msg.event_count} events")
+    return meta, summary
