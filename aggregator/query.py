@@ -12,6 +12,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from datasketches import kll_floats_sketch
+
 from agent.spec import Spec
 from agent.summary import Summary
 from aggregator.drift import DriftScores, feature_drift
@@ -52,6 +54,7 @@ class CohortHealth:
     invalid_values: int = 0
     unknown_features: int = 0
     spool_dropped: int = 0
+    reference_latency_ms: tuple[float, float, float] = (math.nan, math.nan, math.nan)
 
 
 def resolve_spec(store: Store, model: str, model_version: str = "") -> Spec:
@@ -79,11 +82,17 @@ def resolve_range(start: int, end: int, window_length_s: int,
     return (start // length) * length, -(-end // length) * length
 
 
-def _latency_quantiles(summary: Summary) -> tuple[float, float, float]:
-    if summary.latency.is_empty():
+def _latency_quantiles_of(sketch: kll_floats_sketch) -> tuple[float, float, float]:
+    if sketch.is_empty():
         return math.nan, math.nan, math.nan
-    p50, p95, p99 = summary.latency.get_quantiles([0.5, 0.95, 0.99])
+    p50, p95, p99 = sketch.get_quantiles([0.5, 0.95, 0.99])
     return float(p50), float(p95), float(p99)
+
+
+def _reference_latency(spec: Spec) -> tuple[float, float, float]:
+    if not spec.latency_reference_kll:
+        return math.nan, math.nan, math.nan
+    return _latency_quantiles_of(kll_floats_sketch.deserialize(spec.latency_reference_kll))
 
 
 def _group_key(ls: LabelSet, group_by: Sequence[str]) -> tuple[str, ...]:
@@ -102,6 +111,7 @@ def cohort_health(store: Store, model: str, model_version: str = "",
     for ls in store.label_sets(spec.hash):
         if ls.matches(selector):
             groups.setdefault(_group_key(ls, group_by), []).append(ls)
+    reference_latency = _reference_latency(spec)
     out = []
     for key in sorted(groups):
         members = groups[key]
@@ -111,7 +121,7 @@ def cohort_health(store: Store, model: str, model_version: str = "",
         merged = Summary.zero(spec)
         for s in per_set.values():
             merged.merge_in(s)
-        p50, p95, p99 = _latency_quantiles(merged)
+        p50, p95, p99 = _latency_quantiles_of(merged.latency)
         cohort = dict(selector)
         cohort.update(zip(group_by, key, strict=True))
         out.append(CohortHealth(
@@ -140,6 +150,7 @@ def cohort_health(store: Store, model: str, model_version: str = "",
             invalid_values=merged.invalid_value_count,
             unknown_features=merged.unknown_feature_count,
             spool_dropped=merged.spool_dropped_count,
+            reference_latency_ms=reference_latency,
         ))
     return out
 

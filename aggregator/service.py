@@ -113,6 +113,9 @@ def health_to_proto(h: CohortHealth) -> pb.CohortHealth:
         features=[_drift_to_proto(n, d) for n, d in h.features],
         late_events=h.late_events, invalid_values=h.invalid_values,
         unknown_features=h.unknown_features, spool_dropped=h.spool_dropped,
+        reference_latency_p50_ms=h.reference_latency_ms[0],
+        reference_latency_p95_ms=h.reference_latency_ms[1],
+        reference_latency_p99_ms=h.reference_latency_ms[2],
     )
     if h.prediction is not None:
         msg.prediction.CopyFrom(_drift_to_proto("prediction", h.prediction))

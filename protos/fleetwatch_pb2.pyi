@@ -245,7 +245,7 @@ class FeatureDrift(_message.Message):
     def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ..., psi: _Optional[float] = ..., js_distance: _Optional[float] = ..., ks: _Optional[float] = ..., wasserstein: _Optional[float] = ..., wasserstein_norm: _Optional[float] = ..., missing_rate: _Optional[float] = ...) -> None: ...
 
 class CohortHealth(_message.Message):
-    __slots__ = ("cohort", "model", "model_version", "spec_hash", "start_unix_s", "end_unix_s", "devices", "reports", "events", "errors", "error_rate", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "latency_rank_error", "features", "prediction", "late_events", "invalid_values", "unknown_features", "spool_dropped")
+    __slots__ = ("cohort", "model", "model_version", "spec_hash", "start_unix_s", "end_unix_s", "devices", "reports", "events", "errors", "error_rate", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "latency_rank_error", "features", "prediction", "late_events", "invalid_values", "unknown_features", "spool_dropped", "reference_latency_p50_ms", "reference_latency_p95_ms", "reference_latency_p99_ms")
     class CohortEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -274,6 +274,9 @@ class CohortHealth(_message.Message):
     INVALID_VALUES_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_FEATURES_FIELD_NUMBER: _ClassVar[int]
     SPOOL_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_LATENCY_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_LATENCY_P95_MS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_LATENCY_P99_MS_FIELD_NUMBER: _ClassVar[int]
     cohort: _containers.ScalarMap[str, str]
     model: str
     model_version: str
@@ -295,7 +298,10 @@ class CohortHealth(_message.Message):
     invalid_values: int
     unknown_features: int
     spool_dropped: int
-    def __init__(self, cohort: _Optional[_Mapping[str, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., spec_hash: _Optional[str] = ..., start_unix_s: _Optional[int] = ..., end_unix_s: _Optional[int] = ..., devices: _Optional[int] = ..., reports: _Optional[int] = ..., events: _Optional[int] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., latency_rank_error: _Optional[float] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., prediction: _Optional[_Union[FeatureDrift, _Mapping]] = ..., late_events: _Optional[int] = ..., invalid_values: _Optional[int] = ..., unknown_features: _Optional[int] = ..., spool_dropped: _Optional[int] = ...) -> None: ...
+    reference_latency_p50_ms: float
+    reference_latency_p95_ms: float
+    reference_latency_p99_ms: float
+    def __init__(self, cohort: _Optional[_Mapping[str, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., spec_hash: _Optional[str] = ..., start_unix_s: _Optional[int] = ..., end_unix_s: _Optional[int] = ..., devices: _Optional[int] = ..., reports: _Optional[int] = ..., events: _Optional[int] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., latency_rank_error: _Optional[float] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., prediction: _Optional[_Union[FeatureDrift, _Mapping]] = ..., late_events: _Optional[int] = ..., invalid_values: _Optional[int] = ..., unknown_features: _Optional[int] = ..., spool_dropped: _Optional[int] = ..., reference_latency_p50_ms: _Optional[float] = ..., reference_latency_p95_ms: _Optional[float] = ..., reference_latency_p99_ms: _Optional[float] = ...) -> None: ...
 
 class CohortHealthResponse(_message.Message):
     __slots__ = ("cohorts",)
