@@ -1,0 +1,346 @@
+"""The `fleetwatch` command line: parse options, call the library, print, map errors to exit codes.
+
+Exit codes: 0 success, 1 an operation failed (unreachable aggregator, refused request),
+2 bad usage or input (argparse's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from agent.errors import ConfigError, FleetwatchError, SpecError
+from agent.spec import Spec
+from agent.wire import spec_to_proto
+from aggregator.render import health_json, health_tables, table, use_color
+from aggregator.store.base import parse_labels
+from protos import fleetwatch_pb2 as pb
+from protos import fleetwatch_pb2_grpc as pb_grpc
+
+__all__ = ["main", "parse_duration"]
+
+logger = logging.getLogger(__name__)
+
+EPILOG = """\
+workflows:
+  try it            fleetwatch demo
+  run a server      fleetwatch serve --db fleet.db --listen 127.0.0.1:7070
+  make a spec       fleetwatch baseline build --data train.csv --model M --model-version V \\
+                        --prediction-col score --latency-col latency_ms --out spec.json
+  register it       fleetwatch spec push --aggregator 127.0.0.1:7070 spec.json
+  instrument        from agent import Monitor  (see README.md)
+  ask               fleetwatch health --aggregator 127.0.0.1:7070 --model M --by region
+                    fleetwatch cohorts --aggregator 127.0.0.1:7070 --model M
+
+Run `fleetwatch COMMAND --help` for the options of each command.
+"""
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class UsageError(FleetwatchError):
+    """Bad command-line input (exit code 2)."""
+
+
+def parse_duration(text: str) -> float:
+    """"90s", "30m", "1h30m", "2d" -> seconds."""
+    text = text.strip().lower()
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNIT_S[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise UsageError(f"{text!r} is not a duration (use e.g. 90s, 30m, 1h30m, 2d)")
+    return total
+
+
+def _parse_time(text: str) -> int:
+    """Unix seconds, or an ISO-8601 timestamp (UTC when it has no offset)."""
+    if re.fullmatch(r"\d+", text):
+        return int(text)
+    from datetime import UTC, datetime
+
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"{text!r} is neither Unix seconds nor an ISO-8601 time") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp())
+
+
+def _selector(text: str | None) -> dict[str, str]:
+    if not text:
+        return {}
+    try:
+        return parse_labels(text)
+    except ValueError as e:
+        raise UsageError(f"--cohort: {e} (expected k=v,k2=v2)") from None
+
+
+def _channel(target: str) -> grpc.Channel:
+    return grpc.insecure_channel(target)
+
+
+def _rpc(what: str, call: Callable[[], object], target: str) -> object:
+    try:
+        return call()
+    except grpc.RpcError as e:
+        code = e.code()
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise FleetwatchError(f"{what}: cannot reach an aggregator at {target} "
+                                  f"({e.details()}); is `fleetwatch serve` running there?"
+                                  ) from None
+        raise FleetwatchError(f"{what}: {code.name}: {e.details()}") from None
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from aggregator.server import AggregatorConfig, serve
+
+    config = AggregatorConfig(db=ns.db, listen=ns.listen, workers=ns.workers)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with serve(config) as running:
+        host = ns.listen.rsplit(":", 1)[0]
+        print(f"fleetwatch aggregator listening on {host}:{running.port} (db {ns.db}); "
+              "Ctrl-C stops it", flush=True)
+        stop.wait()
+        print("stopping", flush=True)
+    return 0
+
+
+def _health_request(ns: argparse.Namespace) -> pb.CohortHealthRequest:
+    end = _parse_time(ns.until) if ns.until else int(time.time())
+    start = end - int(parse_duration(ns.since))
+    group_by = [k.strip() for value in (ns.by or []) for k in value.split(",") if k.strip()]
+    return pb.CohortHealthRequest(model=ns.model, model_version=ns.model_version or "",
+                                  selector=_selector(ns.cohort), group_by=group_by,
+                                  start_unix_s=start, end_unix_s=end)
+
+
+def cmd_health(ns: argparse.Namespace) -> int:
+    request = _health_request(ns)
+    with _channel(ns.aggregator) as channel:
+        stub = pb_grpc.QueryStub(channel)
+        resp = _rpc("health", lambda: stub.CohortHealth(request, timeout=ns.timeout),
+                    ns.aggregator)
+    cohorts = list(resp.cohorts)  # type: ignore[attr-defined]
+    if ns.json:
+        print(json.dumps(health_json(cohorts), indent=2))
+    else:
+        print(health_tables(cohorts, color=use_color()))
+    return 0
+
+
+def cmd_cohorts(ns: argparse.Namespace) -> int:
+    with _channel(ns.aggregator) as channel:
+        stub = pb_grpc.QueryStub(channel)
+        resp = _rpc("cohorts", lambda: stub.ListCohorts(
+            pb.ListCohortsRequest(model=ns.model, model_version=ns.model_version or ""),
+            timeout=ns.timeout), ns.aggregator)
+    if ns.json:
+        print(json.dumps({"label_sets": list(resp.label_sets),  # type: ignore[attr-defined]
+                          "keys": {lv.key: list(lv.values)
+                                   for lv in resp.keys}}, indent=2))  # type: ignore[attr-defined]
+        return 0
+    rows = [[lv.key, str(len(lv.values)), ", ".join(lv.values[:12])
+             + (" ..." if len(lv.values) > 12 else "")]
+            for lv in resp.keys]  # type: ignore[attr-defined]
+    print(table(["label", "values", "seen"], rows, use_color()))
+    print(f"\n{len(resp.label_sets)} distinct label sets")  # type: ignore[attr-defined]
+    return 0
+
+
+def cmd_baseline_build(ns: argparse.Namespace) -> int:
+    from aggregator.baseline import BaselineOptions, build_spec_from_csv
+
+    options = BaselineOptions(bins=ns.bins, top_k=ns.top_k,
+                              window_length_s=int(parse_duration(ns.window)))
+    categorical = [c.strip() for c in (ns.categorical or "").split(",") if c.strip()]
+
+    def progress(msg: str) -> None:
+        print(f"  {msg}", file=sys.stderr, flush=True)
+
+    spec = build_spec_from_csv(ns.data, model=ns.model, model_version=ns.model_version,
+                               prediction_col=ns.prediction_col, label_col=ns.label_col,
+                               latency_col=ns.latency_col, categorical=categorical,
+                               options=options, progress=progress)
+    spec.save(ns.out)
+    print(f"wrote {ns.out}: {len(spec.features)} features from {spec.reference_rows} rows, "
+          f"spec hash {spec.hash[:16]}")
+    return 0
+
+
+def cmd_spec_push(ns: argparse.Namespace) -> int:
+    spec = Spec.load(ns.spec)
+    with _channel(ns.aggregator) as channel:
+        stub = pb_grpc.AdminStub(channel)
+        resp = _rpc("spec push", lambda: stub.PushSpec(spec_to_proto(spec), timeout=ns.timeout),
+                    ns.aggregator)
+    state = "registered" if resp.created else "was already registered"  # type: ignore[attr-defined]
+    print(f"spec {spec.hash[:16]} for {spec.model}/{spec.model_version} {state}")
+    return 0
+
+
+def cmd_spec_show(ns: argparse.Namespace) -> int:
+    spec = Spec.load(ns.spec)
+    print(f"model {spec.model} version {spec.model_version}, window {spec.window_length_s} s, "
+          f"{spec.reference_rows} reference rows, hash {spec.hash}")
+    rows = [[f.name, f.type, str(f.histogram_length),
+             (f"{f.edges[0]:.4g} .. {f.edges[-1]:.4g}" if f.edges
+              else ", ".join(f.vocabulary[:5]) + (" ..." if len(f.vocabulary) > 5 else ""))]
+            for f in spec.features + ((spec.prediction,) if spec.prediction else ())]
+    print(table(["feature", "type", "bins", "range / vocabulary"], rows, use_color()))
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from aggregator.demo import DemoOptions, run_demo
+
+    def progress(msg: str) -> None:
+        print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+    options = DemoOptions(devices=ns.devices, minutes=ns.minutes, seed=ns.seed,
+                          workdir=ns.workdir, keep=ns.workdir is not None)
+    result = run_demo(options, progress)
+    if ns.json:
+        print(json.dumps(health_json(result.cohorts), indent=2))
+    else:
+        print(health_tables(result.cohorts, color=use_color()))
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+def _client_args(p: argparse.ArgumentParser, model: bool = True) -> None:
+    p.add_argument("--aggregator", default="127.0.0.1:7070", metavar="HOST:PORT",
+                   help="the aggregator's gRPC address (default: %(default)s)")
+    if model:
+        p.add_argument("--model", required=True, help="model name")
+        p.add_argument("--model-version", default="",
+                       help="model version (default: the most recently registered spec)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="RPC deadline in seconds (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleetwatch",
+        description="Model performance monitoring for fleets of edge devices.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run a simulated fleet end to end and show cohort health",
+                       description="Start an aggregator on a free loopback port with a temporary "
+                       "SQLite file, build a spec from generated reference data, simulate a "
+                       "fleet with injected drift and a latency incident, print cohort health.")
+    p.add_argument("--devices", type=int, default=200, help="simulated devices (default: 200)")
+    p.add_argument("--minutes", type=int, default=30, help="simulated minutes (default: 30)")
+    p.add_argument("--seed", type=int, default=7, help="random seed (default: 7)")
+    p.add_argument("--workdir", default=None,
+                   help="keep the database and spools in this directory (default: a temporary "
+                   "directory, deleted afterwards)")
+    p.add_argument("--json", action="store_true", help="print cohort health as JSON")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="run the aggregator (gRPC ingest and query)",
+                       description="Run the aggregator on an embedded SQLite database.")
+    p.add_argument("--db", default="fleetwatch.db", help="SQLite file (default: %(default)s)")
+    p.add_argument("--listen", default="127.0.0.1:7070", metavar="HOST:PORT",
+                   help="gRPC listen address, loopback only until TLS lands "
+                   "(default: %(default)s; port 0 picks a free one)")
+    p.add_argument("--workers", type=int, default=8, help="RPC worker threads (default: 8)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("health", help="cohort health: volume, errors, latency, drift",
+                       description="Per cohort: devices, events, error rate, latency "
+                       "p50/p95/p99, and per feature PSI, Jensen-Shannon distance, KS and "
+                       "Wasserstein against the spec's reference.")
+    _client_args(p)
+    p.add_argument("--cohort", metavar="K=V,...", help="label selector, e.g. region=eu,hw=jetson")
+    p.add_argument("--by", action="append", metavar="KEY",
+                   help="group by these label keys (repeat or comma-separate)")
+    p.add_argument("--since", default="1h", metavar="DUR",
+                   help="look back this long from --until (default: %(default)s)")
+    p.add_argument("--until", default=None, metavar="TIME",
+                   help="end of the range: Unix seconds or ISO-8601 (default: now)")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list of cohort objects (schema: docs/health-json.md)")
+    p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("cohorts", help="list the label keys and values seen for a model")
+    _client_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_cohorts)
+
+    p = sub.add_parser("baseline", help="build a spec from reference data")
+    bsub = p.add_subparsers(dest="baseline_command", metavar="ACTION", required=True)
+    b = bsub.add_parser("build", help="sketch a CSV into bins, vocabularies and references",
+                        description="Read reference (training) data, sketch each column with "
+                        "datasketches (KLL for numbers, frequent items for strings), and write "
+                        "a spec with equal-mass bins, vocabularies and reference histograms.")
+    b.add_argument("--data", required=True, help="CSV file with a header row")
+    b.add_argument("--model", required=True)
+    b.add_argument("--model-version", required=True)
+    b.add_argument("--prediction-col", help="column holding the model's output")
+    b.add_argument("--label-col", help="column holding ground truth (not a feature)")
+    b.add_argument("--latency-col", help="column holding latencies in ms (reference latency)")
+    b.add_argument("--categorical", metavar="COL,...",
+                   help="treat these columns as categorical even if they look numeric")
+    b.add_argument("--bins", type=int, default=10, help="equal-mass bins (default: 10)")
+    b.add_argument("--top-k", type=int, default=20, help="vocabulary size (default: 20)")
+    b.add_argument("--window", default="60s", help="window length (default: 60s)")
+    b.add_argument("--out", required=True, help="spec JSON to write")
+    b.set_defaults(func=cmd_baseline_build)
+
+    p = sub.add_parser("spec", help="register or inspect specs")
+    ssub = p.add_subparsers(dest="spec_command", metavar="ACTION", required=True)
+    s = ssub.add_parser("push", help="register a spec with an aggregator")
+    _client_args(s, model=False)
+    s.add_argument("spec", help="spec JSON file")
+    s.set_defaults(func=cmd_spec_push)
+    s = ssub.add_parser("show", help="summarize a spec file")
+    s.add_argument("spec", help="spec JSON file")
+    s.set_defaults(func=cmd_spec_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(ns.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return ns.func(ns)
+    except (UsageError, ConfigError, SpecError, FileNotFoundError, IsADirectoryError) as e:
+        print(f"fleetwatch {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except FleetwatchError as e:
+        print(f"fleetwatch {ns.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
