@@ -201,11 +201,11 @@ def cmd_spec_show(ns: argparse.Namespace) -> int:
     spec = Spec.load(ns.spec)
     print(f"model {spec.model} version {spec.model_version}, window {spec.window_length_s} s, "
           f"{spec.reference_rows} reference rows, hash {spec.hash}")
-    rows = [[f.name, f.type, str(f.histogram_length),
+    rows = [[f.name, f.type, str(len(f.edges) - 1 if f.edges else len(f.vocabulary)),
              (f"{f.edges[0]:.4g} .. {f.edges[-1]:.4g}" if f.edges
               else ", ".join(f.vocabulary[:5]) + (" ..." if len(f.vocabulary) > 5 else ""))]
             for f in spec.features + ((spec.prediction,) if spec.prediction else ())]
-    print(table(["feature", "type", "bins", "range / vocabulary"], rows, use_color()))
+    print(table(["feature", "type", "bins/values", "range / vocabulary"], rows, use_color()))
     return 0
 
 
