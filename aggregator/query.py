@@ -50,6 +50,7 @@ class CohortHealth:
     latency_rank_error: float
     features: Sequence[tuple[str, DriftScores]] = field(default_factory=tuple)
     prediction: DriftScores | None = None
+    prediction_name: str = ""
     late_events: int = 0
     invalid_values: int = 0
     unknown_features: int = 0
@@ -146,6 +147,7 @@ def cohort_health(store: Store, model: str, model_version: str = "",
             prediction=(feature_drift(spec.prediction, merged.prediction)
                         if spec.prediction is not None and merged.prediction is not None
                         else None),
+            prediction_name=spec.prediction.name if spec.prediction is not None else "",
             late_events=merged.late_event_count,
             invalid_values=merged.invalid_value_count,
             unknown_features=merged.unknown_feature_count,

@@ -118,7 +118,7 @@ def health_to_proto(h: CohortHealth) -> pb.CohortHealth:
         reference_latency_p99_ms=h.reference_latency_ms[2],
     )
     if h.prediction is not None:
-        msg.prediction.CopyFrom(_drift_to_proto("prediction", h.prediction))
+        msg.prediction.CopyFrom(_drift_to_proto(h.prediction_name, h.prediction))
     return msg
 
 
