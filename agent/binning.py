@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
+from collections import Counter
 from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
@@ -18,6 +19,11 @@ import numpy as np
 from agent.spec import NUMERIC, FeatureSpec
 
 __all__ = ["CategoricalBinner", "NumericBinner", "make_binner"]
+
+
+def _has_bool(values: Any) -> bool:
+    return any(type(v) is bool or type(v) is np.bool_
+               for v in np.asarray(values, dtype=object).reshape(-1))
 
 
 class NumericBinner:
@@ -41,24 +47,32 @@ class NumericBinner:
         elif value is None:
             return self.missing, False
         elif isinstance(value, Real) and not isinstance(value, bool):
-            x = float(value)
+            try:
+                x = float(value)
+            except (OverflowError, TypeError, ValueError):
+                return self.missing, True
         else:
             return self.missing, True
         if x != x:  # NaN
             return self.missing, False
         if x == self._last:
             return self._top, False
-        if math.isinf(x):
+        if x == math.inf or x == -math.inf:  # not math.isinf: it raises on ints past 1e308
             return self.missing, True
         return bisect_right(self._edges, x), False
 
     def counts(self, values: Any) -> tuple[np.ndarray, int]:
         """Histogram of an array of values and the number of invalid ones."""
         try:
-            x = np.asarray(values, dtype=np.float64)
-        except (TypeError, ValueError):
+            x = np.asarray(values)
+        except (TypeError, ValueError):  # ragged input
             return self._counts_slow(values)
-        x = x.reshape(-1)
+        if x.dtype.kind not in "fiu" or (not isinstance(values, np.ndarray)
+                                         and _has_bool(values)):
+            # strings, bools, objects (or bools numpy coerced to numbers in a list): judge each
+            # value as index() does
+            return self._counts_slow(values)
+        x = x.astype(np.float64, copy=False).reshape(-1)
         idx = np.searchsorted(self._edges_np, x, side="right")
         idx[x == self._last] = self._top
         bad = ~np.isfinite(x)
@@ -71,7 +85,7 @@ class NumericBinner:
     def _counts_slow(self, values: Sequence[Any]) -> tuple[np.ndarray, int]:
         counts = np.zeros(self.length, dtype=np.int64)
         invalid = 0
-        for v in values:
+        for v in np.asarray(values, dtype=object).reshape(-1):
             i, bad = self.index(v)
             counts[i] += 1
             invalid += bad
@@ -90,13 +104,13 @@ class CategoricalBinner:
         self.missing = self.length - 1
 
     def index(self, value: Any) -> tuple[int, bool]:
-        if type(value) is str:
-            return self._index.get(value, self.other), False
+        if isinstance(value, str):  # str subclasses too (numpy.str_)
+            return self._index.get(str(value), self.other), False
         if value is None:
             return self.missing, False
         if isinstance(value, Integral):  # class ids given as ints (bool included: "True")
             return self._index.get(str(value), self.other), False
-        if isinstance(value, float) and value != value:
+        if isinstance(value, (float, np.floating)) and value != value:
             return self.missing, False
         return self.missing, True
 
@@ -106,17 +120,17 @@ class CategoricalBinner:
         invalid = 0
         if arr.size == 0:
             return counts, 0
-        # Look each distinct value up once; batches repeat values heavily.
+        # Look each distinct value up once; batches repeat values heavily. The key holds the
+        # type: values that compare equal can bin differently (1, True and 1.0).
         try:
-            uniq, inverse = np.unique(arr, return_inverse=True)
-        except TypeError:  # mixed, unorderable types
+            tally = Counter(zip(map(type, arr), arr, strict=True))
+        except TypeError:  # unhashable values
             for v in arr:
                 i, bad = self.index(v)
                 counts[i] += 1
                 invalid += bad
             return counts, invalid
-        per_uniq = np.bincount(inverse.reshape(-1), minlength=len(uniq))
-        for v, n in zip(uniq, per_uniq, strict=True):
+        for (_, v), n in tally.items():
             i, bad = self.index(v)
             counts[i] += n
             if bad:

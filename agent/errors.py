@@ -34,6 +34,7 @@ class ValidationError(FleetwatchError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
 
 
 class SketchError(ValidationError):

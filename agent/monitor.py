@@ -67,6 +67,8 @@ def _default_spool_dir(device_id: str) -> pathlib.Path:
 
 
 def _check_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    if not isinstance(labels, Mapping):
+        raise ConfigError(f"labels: must be a mapping of strings, got {type(labels).__name__}")
     if len(labels) > MAX_LABELS:
         raise ConfigError(f"labels: at most {MAX_LABELS} labels, got {len(labels)}")
     out = {}
@@ -137,7 +139,13 @@ class Monitor:
         self.grace_s = grace_s
         self._tick_s = tick_s
         self._owns_channel = channel is None
-        self._channel = channel or grpc.insecure_channel(aggregator)  # type: ignore[arg-type]
+        # gRPC's default reconnect backoff grows to 120 s: after an aggregator outage the
+        # device would sit idle long after it came back. Keep it in line with our own backoff.
+        self._channel = channel or grpc.insecure_channel(aggregator, options=[  # type: ignore[arg-type]
+            ("grpc.initial_reconnect_backoff_ms", int(backoff_base_s * 1000)),
+            ("grpc.min_reconnect_backoff_ms", int(backoff_base_s * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(backoff_cap_s * 1000)),
+        ])
         self._rpc_timeout_s = rpc_timeout_s
         self._get_spec = self._channel.unary_unary(
             GET_SPEC_METHOD, request_serializer=pb.GetSpecRequest.SerializeToString,
@@ -338,6 +346,18 @@ class Monitor:
                 wait = max(0.05, min(wait, self._next_attempt - time.monotonic()))
             self._wake.wait(wait)
             self._wake.clear()
+
+    def poll(self, timeout_s: float = 10.0) -> bool:
+        """Close the windows the clock has moved past, spool them and try to deliver.
+
+        What the background thread does on each tick; call it yourself with
+        `background=False`. Returns True when the spool is empty afterwards."""
+        if self.spec is None:
+            self._load_spec()
+        with self._lock:
+            self._close_expired(self.clock())
+        self._spool_closed()
+        return self._deliver(time.monotonic() + timeout_s) is DeliveryResult.EMPTY
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Close every open window and try to deliver everything spooled.

@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY,
     window_start INTEGER NOT NULL,
     payload BLOB NOT NULL,
-    created_ms INTEGER NOT NULL
+    created_ms INTEGER NOT NULL,
+    dropped_carried INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS specs (
@@ -82,6 +83,10 @@ class Spool:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+        if "dropped_carried" not in columns:  # a spool written before the column existed
+            self._db.execute("ALTER TABLE outbox ADD COLUMN dropped_carried INTEGER NOT NULL "
+                             "DEFAULT 0")
 
     # -- outbox ------------------------------------------------------------------------------
 
@@ -95,9 +100,9 @@ class Spool:
                 seq = self._get(cur, "next_seq", 1)
                 dropped = self._get(cur, "dropped_unreported", 0)
                 payload = build(seq, dropped)
-                cur.execute("INSERT INTO outbox (seq, window_start, payload, created_ms) "
-                            "VALUES (?, ?, ?, ?)",
-                            (seq, window_start, payload, int(time.time() * 1000)))
+                cur.execute("INSERT INTO outbox (seq, window_start, payload, created_ms, "
+                            "dropped_carried) VALUES (?, ?, ?, ?, ?)",
+                            (seq, window_start, payload, int(time.time() * 1000), dropped))
                 self._set(cur, "next_seq", seq + 1)
                 self._set(cur, "dropped_unreported", 0)
                 self._enforce_bounds(cur, keep_seq=seq)
@@ -111,17 +116,20 @@ class Spool:
         n, size = cur.execute(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox").fetchone()
         dropped = 0
+        carried = 0  # drops that the dropped reports were carrying: report them again
         while (n > self.max_reports or size > self.max_bytes) and n > 1:
-            seq, length = cur.execute(
-                "SELECT seq, LENGTH(payload) FROM outbox WHERE seq != ? ORDER BY seq LIMIT 1",
-                (keep_seq,)).fetchone()
+            seq, length, was_carrying = cur.execute(
+                "SELECT seq, LENGTH(payload), dropped_carried FROM outbox WHERE seq != ? "
+                "ORDER BY seq LIMIT 1", (keep_seq,)).fetchone()
             cur.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
             n -= 1
             size -= length
             dropped += 1
+            carried += was_carrying
         if dropped:
             logger.warning("spool full: dropped the %d oldest report(s)", dropped)
-            self._set(cur, "dropped_unreported", self._get(cur, "dropped_unreported", 0) + dropped)
+            self._set(cur, "dropped_unreported",
+                      self._get(cur, "dropped_unreported", 0) + dropped + carried)
             self._set(cur, "dropped_total", self._get(cur, "dropped_total", 0) + dropped)
 
     def pending(self, limit: int = 100) -> list[SpooledReport]:
@@ -145,6 +153,11 @@ class Spool:
                 cur.execute("INSERT OR REPLACE INTO dead_letters (seq, payload, reason, created_ms)"
                             " SELECT seq, payload, ?, ? FROM outbox WHERE seq = ?",
                             (reason[:1000], int(time.time() * 1000), seq))
+                row = cur.execute("SELECT dropped_carried FROM outbox WHERE seq = ?",
+                                  (seq,)).fetchone()
+                if row and row[0]:  # the drops it carried still need reporting
+                    self._set(cur, "dropped_unreported",
+                              self._get(cur, "dropped_unreported", 0) + row[0])
                 cur.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
                 cur.execute("COMMIT")
             except BaseException:

@@ -20,11 +20,30 @@ from agent.summary import Summary, empty_kll
 __all__ = ["WindowAccumulator", "window_start"]
 
 _ABSENT = object()
+# The latency sketch holds float32: larger values would become inf, which ingest refuses.
+_MAX_LATENCY_MS = float(np.finfo(np.float32).max)
 
 
 def window_start(t: float, length_s: int) -> int:
     """Start of the tumbling window holding time t (aligned to multiples of length since epoch)."""
     return int(math.floor(t / length_s)) * length_s
+
+
+def _latency_array(latency_ms: Any) -> np.ndarray:
+    """Latencies as float64, each value taken as `_add_latency` takes it: None (not measured) is
+    left out, and a value float() cannot take becomes NaN, which is counted invalid."""
+    arr = np.asarray(latency_ms)
+    if arr.dtype.kind in "biuf":
+        return arr.astype(np.float64).reshape(-1)
+    out = []
+    for v in arr.astype(object).reshape(-1):
+        if v is None:
+            continue
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError, OverflowError):
+            out.append(math.nan)
+    return np.asarray(out, dtype=np.float64)
 
 
 class WindowAccumulator:
@@ -85,10 +104,10 @@ class WindowAccumulator:
             return
         try:
             x = float(latency_ms)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             self.invalid += 1
             return
-        if not math.isfinite(x) or x < 0:
+        if not 0 <= x <= _MAX_LATENCY_MS:  # NaN fails too; float32 holds the sketch
             self.invalid += 1
             return
         self._latency_buf.append(x)
@@ -105,6 +124,7 @@ class WindowAccumulator:
     def observe_batch(self, features: Mapping[str, Any], predictions: Any, latency_ms: Any,
                       errors: Any, n: int, late: bool = False) -> None:
         """Add n events given as arrays; the caller checked that lengths agree."""
+        lat = None if latency_ms is None else _latency_array(latency_ms)  # before any update
         for name, binner in self._binners:
             values = features.get(name, _ABSENT)
             if values is _ABSENT:
@@ -115,12 +135,14 @@ class WindowAccumulator:
             self.invalid += invalid
         self.unknown += sum(1 for k in features if k not in self._counts) * n
         if self._pred_binner is not None and self._pred_batch is not None:
-            counts, invalid = self._pred_binner.counts(predictions)
-            self._pred_batch += counts
-            self.invalid += invalid
-        if latency_ms is not None:
-            lat = np.asarray(latency_ms, dtype=np.float64).reshape(-1)
-            ok = np.isfinite(lat) & (lat >= 0)
+            if predictions is None:  # like an absent feature: n missing values
+                self._pred_batch[self._pred_binner.missing] += n
+            else:
+                counts, invalid = self._pred_binner.counts(predictions)
+                self._pred_batch += counts
+                self.invalid += invalid
+        if lat is not None:
+            ok = (lat >= 0) & (lat <= _MAX_LATENCY_MS)
             self.invalid += int(lat.size - ok.sum())
             if ok.any():
                 self._latency.update(lat[ok].astype(np.float32))

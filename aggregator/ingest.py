@@ -79,9 +79,9 @@ class Ingestor:
         try:
             meta, summary = validate_report(report, spec, self.limits)
         except SketchError as e:
-            raise self._reject("bad_sketch", e.field, str(e)) from None
+            raise self._reject("bad_sketch", e.field, e.message) from None
         except ValidationError as e:
-            raise self._reject("invalid", e.field, str(e)) from None
+            raise self._reject("invalid", e.field, e.message) from None
         outcome = self.store.ingest(meta, envelope_bytes, summary,
                                     rollup_resolutions(spec.window_length_s))
         with self._lock:

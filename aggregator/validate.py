@@ -83,6 +83,9 @@ def _check_histogram(field: str, counts: np.ndarray, length: int, events: int) -
         raise _fail(field, f"expected {length} bins, got {counts.shape[0]}")
     if (counts < 0).any():
         raise _fail(field, "negative count")
+    # Bound every count first: huge counts could wrap the int64 sum around to `events`.
+    if (counts > events).any():
+        raise _fail(field, f"a count is above the report's {events} events")
     total = int(counts.sum())
     if total != events:
         raise _fail(field, f"counts add up to {total}, the report has {events} events")

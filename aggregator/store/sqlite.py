@@ -157,15 +157,18 @@ class SqliteStore:
             cur = self._writer.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
+                # Deduplicate before interning the label set: a label set interned (and
+                # cached) in a transaction that is then rolled back would leave a dangling id.
+                if cur.execute("SELECT 1 FROM reports WHERE device_id = ? AND seq = ?",
+                               (meta.device_id, meta.seq)).fetchone() is not None:
+                    cur.execute("ROLLBACK")
+                    return IngestOutcome.DUPLICATE
                 lid = self._label_set_id(cur, dict(meta.labels))
                 cur.execute(
-                    "INSERT OR IGNORE INTO reports (device_id, seq, spec_hash, label_set, "
+                    "INSERT INTO reports (device_id, seq, spec_hash, label_set, "
                     "window_start, received_ms, envelope) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (meta.device_id, meta.seq, meta.spec_hash, lid, meta.window_start_unix_s,
                      int(time.time() * 1000), envelope))
-                if cur.rowcount == 0:
-                    cur.execute("ROLLBACK")
-                    return IngestOutcome.DUPLICATE
                 cur.execute("INSERT OR IGNORE INTO spec_label_sets VALUES (?, ?)",
                             (meta.spec_hash, lid))
                 for res in resolutions:
