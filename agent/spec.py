@@ -13,6 +13,7 @@ Histogram layouts (shared by reference counts and device reports):
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import math
@@ -142,7 +143,8 @@ class Spec:
             raise SpecError("model", "must be a non-empty string")
         if not isinstance(self.model_version, str) or not self.model_version:
             raise SpecError("model_version", "must be a non-empty string")
-        if not isinstance(self.window_length_s, int) or not 1 <= self.window_length_s <= 86400:
+        if (not isinstance(self.window_length_s, int) or isinstance(self.window_length_s, bool)
+                or not 1 <= self.window_length_s <= 86400):
             raise SpecError("window_length_s", "must be an integer between 1 and 86400")
         if len(self.features) > MAX_FEATURES:
             raise SpecError("features", f"at most {MAX_FEATURES} features")
@@ -178,8 +180,8 @@ class Spec:
         return json.dumps(self._content(), sort_keys=True, separators=(",", ":"),
                           allow_nan=False).encode()
 
-    @property
-    def hash(self) -> str:
+    @functools.cached_property
+    def hash(self) -> str:  # cached: the spec is frozen, and reports ask for it per window
         return hashlib.sha256(self.canonical_bytes()).hexdigest()
 
     # -- JSON files --------------------------------------------------------------------------

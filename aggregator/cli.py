@@ -220,9 +220,24 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     result = run_demo(options, progress)
     if ns.json:
         print(json.dumps(health_json(result.cohorts), indent=2))
-    else:
-        print(health_tables(result.cohorts, color=use_color()))
+        return 0
+    print(health_tables(result.cohorts, color=use_color()))
+    cfg = result.config
+    print(f"\n{result.truth.events:,} events from {cfg.devices} devices over {cfg.minutes} "
+          f"simulated minutes, {result.elapsed_s:.1f} s. Injected:")
+    if cfg.drift is not None:
+        shifts = ", ".join(f"{k} {v:+.1f} sd" for k, v in cfg.drift.numeric_shift.items())
+        print(f"  covariate drift in {_selector_text(cfg.drift.selector)} from minute "
+              f"{cfg.drift.start_minute} ({shifts}; {', '.join(cfg.drift.category_mix)} mix)")
+    if cfg.incident is not None:
+        until = f"to minute {cfg.incident.end_minute}" if cfg.incident.end_minute else "on"
+        print(f"  latency incident in {_selector_text(cfg.incident.selector)} from minute "
+              f"{cfg.incident.start_minute} {until} ({cfg.incident.factor:g}x latency)")
     return 0
+
+
+def _selector_text(selector: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
 
 
 # -- parser --------------------------------------------------------------------------------------

@@ -1,0 +1,181 @@
+"""The demo end to end: a real aggregator process, real gRPC on loopback, real SQLite.
+
+One run of `run_demo` with the default options (200 devices, 8 cohorts, 30 simulated minutes)
+is shared by every test here; each checks one part of the claim against the `FleetTruth`,
+what the simulated fleet really observed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+from aggregator.demo import GROUP_BY, DemoOptions, DemoResult, run_demo
+from aggregator.drift import psi
+from aggregator.render import PSI_MAJOR, PSI_MODERATE, SLOW_FACTOR, cohort_label, cohort_status
+from aggregator.simulator import CohortTruth
+from protos import fleetwatch_pb2 as pb
+
+TIME_LIMIT_S = 60.0
+# Extra room for the latency rank check beyond the sketch's own bound: the rank of one item
+# among ~100k, and float32 ties.
+RANK_SLACK = 0.002
+
+
+@pytest.fixture(scope="module")
+def demo() -> tuple[DemoResult, list[str]]:
+    messages: list[str] = []
+    result = run_demo(DemoOptions(), progress=messages.append)
+    return result, messages
+
+
+def _by_cohort(result: DemoResult) -> dict[tuple[str, ...], pb.CohortHealth]:
+    return {tuple(h.cohort[k] for k in GROUP_BY): h for h in result.cohorts}
+
+
+def _truth(result: DemoResult, h: pb.CohortHealth) -> CohortTruth:
+    return result.truth.cohort(dict(h.cohort))
+
+
+def _selected(result: DemoResult, selector: dict[str, str]) -> list[pb.CohortHealth]:
+    return [h for h in result.cohorts if all(h.cohort[k] == v for k, v in selector.items())]
+
+
+def _clean(result: DemoResult) -> list[pb.CohortHealth]:
+    config = result.config
+    assert config.drift is not None and config.incident is not None
+    return [h for h in result.cohorts
+            if h not in _selected(result, dict(config.drift.selector))
+            and h not in _selected(result, dict(config.incident.selector))]
+
+
+def test_the_claim_holds_at_full_size(demo: tuple[DemoResult, list[str]]) -> None:
+    result, _ = demo
+    config = result.config
+    assert config.devices >= 200 and config.minutes >= 30
+    assert len(result.cohorts) == config.cohort_count >= 4
+    assert 500_000 <= result.truth.events <= 2_000_000
+    assert result.elapsed_s < TIME_LIMIT_S, f"the demo took {result.elapsed_s:.1f} s"
+    assert result.workdir is None  # the temporary directory is gone
+
+
+def test_progress_reports_every_stage(demo: tuple[DemoResult, list[str]]) -> None:
+    result, messages = demo
+    text = "\n".join(messages)
+    assert f"started aggregator on {result.target}" in text
+    assert "building spec from 50,000 reference rows" in text
+    assert "simulating 200 devices in 8 cohorts over 30 minutes" in text
+    minutes = [m for m in messages if m.startswith("minute ")]
+    assert 8 <= len(minutes) <= 12 and minutes[-1].startswith("minute 30/30")
+    assert "querying cohort health" in text
+    assert messages[-1].startswith("done in ")
+
+
+def test_the_range_ends_at_the_current_minute(demo: tuple[DemoResult, list[str]]) -> None:
+    result, _ = demo
+    assert result.end_unix_s % 60 == 0
+    assert result.end_unix_s - result.start_unix_s == result.config.minutes * 60
+    assert time.time() - 120 < result.end_unix_s <= time.time()
+    for h in result.cohorts:
+        assert (h.start_unix_s, h.end_unix_s) == (result.start_unix_s, result.end_unix_s)
+        assert h.spec_hash == result.spec.hash == result.truth.spec_hash
+
+
+def test_drifted_cohort_shows_drift(demo: tuple[DemoResult, list[str]]) -> None:
+    result, _ = demo
+    drift = result.config.drift
+    assert drift is not None
+    [h] = _selected(result, dict(drift.selector))
+    status = cohort_status(h)
+    assert any(s.startswith("drift:") for s in status), status
+    assert "latency" not in status
+    scores = {d.name: d.psi for d in h.features}
+    shifted = set(drift.numeric_shift) | set(drift.category_mix)
+    for name in shifted:
+        assert scores[name] > PSI_MAJOR, (name, scores[name])
+    for name, value in scores.items():
+        if name not in shifted:
+            assert value < PSI_MODERATE / 10, (name, value)
+    assert h.prediction.psi > PSI_MAJOR  # darker images change the model's scores too
+    assert cohort_label(h) in result.table and "drift:" in result.table
+
+
+def test_incident_cohort_shows_latency(demo: tuple[DemoResult, list[str]]) -> None:
+    result, _ = demo
+    incident = result.config.incident
+    assert incident is not None
+    [h] = _selected(result, dict(incident.selector))
+    assert cohort_status(h) == ["latency"]
+    assert h.latency_p95_ms > 2 * SLOW_FACTOR * h.reference_latency_p95_ms
+    assert max(d.psi for d in h.features) < PSI_MODERATE / 10
+
+
+def test_other_cohorts_are_clean(demo: tuple[DemoResult, list[str]]) -> None:
+    result, _ = demo
+    clean = _clean(result)
+    assert len(clean) == len(result.cohorts) - 2
+    for h in clean:
+        assert cohort_status(h) == [], (cohort_label(h), cohort_status(h))
+        # ~100k events against 50k reference rows: sampling noise alone gives PSI ~ 1e-4.
+        assert max(d.psi for d in h.features) < PSI_MODERATE / 10
+        assert h.prediction.psi < PSI_MODERATE / 10
+        assert h.latency_p95_ms < SLOW_FACTOR * h.reference_latency_p95_ms
+
+
+def test_counts_equal_the_truth(demo: tuple[DemoResult, list[str]]) -> None:
+    result, _ = demo
+    assert sum(h.events for h in result.cohorts) == result.truth.events
+    assert sum(h.errors for h in result.cohorts) == result.truth.errors
+    assert sum(h.reports for h in result.cohorts) == result.truth.reports
+    for h in result.cohorts:
+        truth = _truth(result, h)
+        label = cohort_label(h)
+        assert (h.events, h.errors, h.devices) == (truth.events, truth.errors, truth.devices), \
+            label
+        assert h.reports == truth.devices * result.config.minutes, label  # one per window
+        assert math.isclose(h.error_rate, truth.error_rate, rel_tol=1e-12)
+        assert (h.late_events, h.invalid_values, h.unknown_features, h.spool_dropped) == \
+            (0, 0, 0, 0), label
+        for d in h.features:
+            assert d.count == truth.events, (label, d.name)
+            assert d.missing_rate == 0.0
+
+
+def test_latency_quantiles_within_the_rank_error(demo: tuple[DemoResult, list[str]]) -> None:
+    result, _ = demo
+    for h in result.cohorts:
+        raw = _truth(result, h).latencies_ms
+        assert raw.size == h.events
+        assert 0 < h.latency_rank_error < 0.05
+        tolerance = h.latency_rank_error + RANK_SLACK
+        for q, reported in ((0.5, h.latency_p50_ms), (0.95, h.latency_p95_ms),
+                            (0.99, h.latency_p99_ms)):
+            rank = float(np.mean(raw <= np.float32(reported)))
+            assert abs(rank - q) <= tolerance, (cohort_label(h), q, reported, rank)
+            exact = float(np.quantile(raw, q))
+            low, high = np.quantile(raw, [max(0.0, q - tolerance), min(1.0, q + tolerance)])
+            assert low <= reported <= high, (cohort_label(h), q, reported, exact)
+
+
+def test_drift_scores_come_from_the_merged_histograms(
+        demo: tuple[DemoResult, list[str]]) -> None:
+    """Every cohort's PSI equals the PSI of the fleet's true histogram against the spec's
+    reference counts: the aggregator merged exactly what the devices counted (no noise yet:
+    the spec has no private signals)."""
+    result, _ = demo
+    spec = result.spec
+    for h in result.cohorts:
+        truth = _truth(result, h)
+        for d in h.features:
+            reference = np.asarray(spec.feature(d.name).reference_counts)
+            counts = truth.feature_counts[d.name]
+            assert int(counts.sum()) == truth.events
+            expected = psi(reference, counts)
+            assert math.isclose(d.psi, expected, rel_tol=1e-9, abs_tol=1e-12), \
+                (cohort_label(h), d.name, d.psi, expected)
+        assert spec.prediction is not None and truth.prediction_counts is not None
+        expected = psi(np.asarray(spec.prediction.reference_counts), truth.prediction_counts)
+        assert math.isclose(h.prediction.psi, expected, rel_tol=1e-9, abs_tol=1e-12)
