@@ -20,6 +20,7 @@ import collections
 import logging
 import os
 import pathlib
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -30,7 +31,16 @@ import grpc
 import numpy as np
 
 from agent.errors import ConfigError, SpecError
-from agent.spec import Spec
+from agent.noise import RandomSource, SecureRandom
+from agent.privacy import (
+    NoisePlan,
+    PrivacyAccountant,
+    Release,
+    clamp_summary,
+    noise_plan,
+    noise_summary,
+)
+from agent.spec import DEVICE_DAY, Spec
 from agent.spool import Spool, SpoolStats
 from agent.summary import Summary
 from agent.upload import Backoff, DeliveryResult, Uploader
@@ -100,6 +110,8 @@ class Monitor:
         channel: an existing gRPC channel to share (the caller keeps ownership).
         background: run the uploader thread; with False, call `flush()` to deliver.
         grace_s: how long a closed window still takes out-of-order events.
+        noise_rng: the source of DP noise (default: the OS's cryptographically secure one;
+            inject a seeded source in tests only).
     """
 
     def __init__(
@@ -122,6 +134,7 @@ class Monitor:
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 60.0,
         tick_s: float = 1.0,
+        noise_rng: RandomSource | None = None,
     ) -> None:
         if not model or not model_version:
             raise ConfigError("model and model_version must be non-empty")
@@ -157,6 +170,11 @@ class Monitor:
         self._backoff = Backoff(backoff_base_s, backoff_cap_s)
         self._next_attempt = 0.0
         self._deliver_lock = threading.Lock()
+
+        # Noise comes from the OS's secure source; a seeded source is for tests only.
+        self._noise_rng: RandomSource | None = noise_rng  # None: SecureRandom, on first use
+        self._clamp_rng = np.random.default_rng(secrets.randbits(128))
+        self._plans: dict[str, NoisePlan | None] = {}
 
         self._lock = threading.Lock()
         self._open: dict[int, WindowAccumulator] = {}
@@ -303,20 +321,41 @@ class Monitor:
                 acc = self._closed.popleft()
             summary = acc.to_summary()
             spec_hash = acc.spec.hash
+            release = self._release(acc, summary)
 
             def build(seq: int, dropped: int, acc: WindowAccumulator = acc,
-                      summary: Summary = summary, spec_hash: str = spec_hash) -> bytes:
+                      summary: Summary = summary, spec_hash: str = spec_hash,
+                      release: Release | None = release) -> bytes:
                 summary.spool_dropped_count = dropped
                 meta = ReportMeta(
                     device_id=self.device_id, model=self.model, model_version=self.model_version,
                     labels=self.labels, window_start_unix_s=acc.start_unix_s,
                     window_length_s=acc.spec.window_length_s, seq=seq, spec_hash=spec_hash,
-                    created_unix_ms=int(time.time() * 1000), agent_version=AGENT_VERSION)
+                    created_unix_ms=int(time.time() * 1000), agent_version=AGENT_VERSION,
+                    private_withheld=release is not None and not release.allowed,
+                    epsilon_spent=release.epsilon if release else 0.0,
+                    day_epsilon_spent=release.day_epsilon if release else 0.0)
                 report = report_to_proto(meta, summary).SerializeToString()
                 return pb.ReportEnvelope(report=report).SerializeToString()
 
             self.spool.enqueue(acc.start_unix_s, build)
             self._windows_closed += 1
+
+    def _release(self, acc: WindowAccumulator, summary: Summary) -> Release | None:
+        """Clamp, ask the accountant, and noise the private histograms (None: no noise)."""
+        plan = self._plans.get(acc.spec.hash)
+        if plan is None and acc.spec.hash not in self._plans:
+            plan = self._plans[acc.spec.hash] = noise_plan(acc.spec)
+        if plan is None:
+            return None
+        if acc.spec.privacy.unit == DEVICE_DAY:
+            clamp_summary(summary, acc.spec.privacy.max_events_per_window, self._clamp_rng)
+        release = PrivacyAccountant(self.spool, acc.spec, plan).reserve(acc.start_unix_s)
+        if release.allowed:
+            if self._noise_rng is None:
+                self._noise_rng = SecureRandom()
+            noise_summary(summary, plan, self._noise_rng)
+        return release
 
     def _deliver(self, deadline: float | None) -> DeliveryResult:
         with self._deliver_lock:

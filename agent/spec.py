@@ -24,11 +24,19 @@ from typing import Any, Literal
 
 from agent.errors import SpecError
 
-__all__ = ["CATEGORICAL", "NUMERIC", "FeatureSpec", "Spec"]
+__all__ = ["CATEGORICAL", "NUMERIC", "FeatureSpec", "PrivacySpec", "Spec"]
 
 NUMERIC = "numeric"
 CATEGORICAL = "categorical"
 FeatureKind = Literal["numeric", "categorical"]
+
+EVENT = "event"
+DEVICE_DAY = "device-day"
+DISCRETE_LAPLACE = "discrete_laplace"
+DISCRETE_GAUSSIAN = "discrete_gaussian"
+NO_NOISE = "none"
+UNITS = (EVENT, DEVICE_DAY)
+MECHANISMS = (DISCRETE_LAPLACE, DISCRETE_GAUSSIAN, NO_NOISE)
 
 MAX_FEATURES = 1000
 MAX_BINS = 1000
@@ -125,6 +133,80 @@ class FeatureSpec:
 
 
 @dataclass(frozen=True)
+class PrivacySpec:
+    """How private histograms are released (see docs/privacy.md).
+
+    unit: "event" (one prediction is protected; the default) or "device-day" (everything one
+    device contributes in a UTC day). mechanism: "discrete_laplace" (pure epsilon-DP, the
+    default), "discrete_gaussian" (zCDP, needs delta) or "none" (no noise: not private).
+    """
+
+    unit: str = EVENT
+    mechanism: str = DISCRETE_LAPLACE
+    epsilon_per_window: float = 1.0
+    delta: float = 0.0
+    daily_epsilon_budget: float = 0.0
+    max_events_per_window: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "epsilon_per_window", float(self.epsilon_per_window))
+        object.__setattr__(self, "delta", float(self.delta))
+        object.__setattr__(self, "daily_epsilon_budget", float(self.daily_epsilon_budget))
+        if self.unit not in UNITS:
+            raise SpecError("privacy.unit", f"must be one of {', '.join(UNITS)}, got "
+                            f"{self.unit!r}")
+        if self.mechanism not in MECHANISMS:
+            raise SpecError("privacy.mechanism", f"must be one of {', '.join(MECHANISMS)}, "
+                            f"got {self.mechanism!r}")
+        if self.mechanism == NO_NOISE:
+            return
+        if not (math.isfinite(self.epsilon_per_window) and 0 < self.epsilon_per_window <= 100):
+            raise SpecError("privacy.epsilon_per_window",
+                            f"must be in (0, 100], got {self.epsilon_per_window}")
+        if self.mechanism == DISCRETE_GAUSSIAN:
+            if not 0 < self.delta < 1e-3:
+                raise SpecError("privacy.delta", "the discrete Gaussian needs 0 < delta < 1e-3 "
+                                f"(typically 1e-6 or smaller), got {self.delta}")
+        elif self.delta:
+            raise SpecError("privacy.delta", "only the discrete Gaussian takes a delta")
+        if self.unit == DEVICE_DAY:
+            if not (isinstance(self.max_events_per_window, int)
+                    and 1 <= self.max_events_per_window <= 1_000_000):
+                raise SpecError("privacy.max_events_per_window", "device-day needs a clamp of "
+                                f"1..1000000 events per window, got {self.max_events_per_window}")
+            if not (math.isfinite(self.daily_epsilon_budget)
+                    and self.daily_epsilon_budget >= self.epsilon_per_window):
+                raise SpecError("privacy.daily_epsilon_budget", "device-day needs a daily "
+                                "budget of at least epsilon_per_window, got "
+                                f"{self.daily_epsilon_budget}")
+        elif self.max_events_per_window or self.daily_epsilon_budget:
+            raise SpecError("privacy.unit", "max_events_per_window and daily_epsilon_budget "
+                            "apply to the device-day unit only")
+
+    @property
+    def noisy(self) -> bool:
+        return self.mechanism != NO_NOISE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"unit": self.unit, "mechanism": self.mechanism,
+                "epsilon_per_window": self.epsilon_per_window, "delta": self.delta,
+                "daily_epsilon_budget": self.daily_epsilon_budget,
+                "max_events_per_window": self.max_events_per_window}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PrivacySpec:
+        if not isinstance(d, Mapping):
+            raise SpecError("privacy", "must be an object")
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise SpecError("privacy", f"unknown keys {sorted(unknown)}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise SpecError("privacy", str(e)) from None
+
+
+@dataclass(frozen=True)
 class Spec:
     """A versioned monitoring spec for one model version."""
 
@@ -135,6 +217,7 @@ class Spec:
     latency_reference_kll: bytes = b""
     window_length_s: int = 60
     reference_rows: int = 0
+    privacy: PrivacySpec = field(default_factory=PrivacySpec)
     created_unix_s: int = field(default=0, compare=False)
 
     def __post_init__(self) -> None:
@@ -148,9 +231,16 @@ class Spec:
             raise SpecError("window_length_s", "must be an integer between 1 and 86400")
         if len(self.features) > MAX_FEATURES:
             raise SpecError("features", f"at most {MAX_FEATURES} features")
+        if not isinstance(self.privacy, PrivacySpec):
+            raise SpecError("privacy", "must be a PrivacySpec")
         names = [f.name for f in self.features]
         if len(set(names)) != len(names):
             raise SpecError("features", "feature names must be distinct")
+
+    @property
+    def private_histograms(self) -> int:
+        """How many histograms one event touches: every feature, and the prediction."""
+        return len(self.features) + (1 if self.prediction is not None else 0)
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -173,6 +263,7 @@ class Spec:
             "latency_reference_kll": base64.b64encode(self.latency_reference_kll).decode(),
             "window_length_s": self.window_length_s,
             "reference_rows": self.reference_rows,
+            "privacy": self.privacy.to_dict(),
         }
 
     def canonical_bytes(self) -> bytes:
@@ -218,6 +309,7 @@ class Spec:
             latency_reference_kll=kll,
             window_length_s=d.get("window_length_s", 60),
             reference_rows=int(d.get("reference_rows", 0)),
+            privacy=PrivacySpec.from_dict(d["privacy"]) if "privacy" in d else PrivacySpec(),
             created_unix_s=int(d.get("created_unix_s", 0)),
         )
         claimed = d.get("hash")

@@ -39,6 +39,15 @@ CREATE TABLE IF NOT EXISTS specs (
     json TEXT NOT NULL,
     PRIMARY KEY (model, model_version)
 );
+CREATE TABLE IF NOT EXISTS privacy_ledger (
+    id INTEGER PRIMARY KEY,
+    window_start INTEGER NOT NULL,
+    day INTEGER NOT NULL,
+    epsilon REAL NOT NULL,
+    rho REAL NOT NULL,
+    released INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS privacy_ledger_by_day ON privacy_ledger (day);
 CREATE TABLE IF NOT EXISTS dead_letters (
     seq INTEGER PRIMARY KEY,
     payload BLOB NOT NULL,
@@ -172,6 +181,52 @@ class Spool:
             dead = cur.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
             return SpoolStats(n, size, self._get(cur, "dropped_total", 0), dead,
                               self._get(cur, "next_seq", 1))
+
+    # -- privacy ledger ------------------------------------------------------------------------
+
+    def ledger_record(self, window_start: int, day: int, epsilon: float, rho: float,
+                      released: bool) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO privacy_ledger (window_start, day, epsilon, rho, "
+                             "released) VALUES (?, ?, ?, ?, ?)",
+                             (window_start, day, epsilon if released else 0.0,
+                              rho if released else 0.0, int(released)))
+
+    def ledger_try_spend(self, window_start: int, day: int, epsilon: float, rho: float,
+                         affordable: Callable[[float, float], bool]) -> tuple[bool, float, float]:
+        """In one transaction: read the day's spend, ask `affordable(eps_sum, rho_sum)`, record
+        the release (or the refusal). Returns (allowed, eps_sum, rho_sum) after it."""
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                eps_sum, rho_sum = cur.execute(
+                    "SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(rho), 0) FROM "
+                    "privacy_ledger WHERE day = ?", (day,)).fetchone()
+                allowed = affordable(eps_sum, rho_sum)
+                cur.execute("INSERT INTO privacy_ledger (window_start, day, epsilon, rho, "
+                            "released) VALUES (?, ?, ?, ?, ?)",
+                            (window_start, day, epsilon if allowed else 0.0,
+                             rho if allowed else 0.0, int(allowed)))
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+        if allowed:
+            eps_sum, rho_sum = eps_sum + epsilon, rho_sum + rho
+        return allowed, eps_sum, rho_sum
+
+    def ledger_day(self, day: int) -> tuple[float, float]:
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(rho), 0) "
+                                   "FROM privacy_ledger WHERE day = ?", (day,)).fetchone()
+        return float(row[0]), float(row[1])
+
+    def ledger_max_epsilon(self) -> float:
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(MAX(epsilon), 0) FROM privacy_ledger"
+                                   ).fetchone()
+        return float(row[0])
 
     # -- spec cache --------------------------------------------------------------------------
 

@@ -26,6 +26,10 @@ _COUNTERS = (
     "invalid_value_count",
     "unknown_feature_count",
     "spool_dropped_count",
+    "withheld_report_count",
+    "histogram_event_count",
+    "clamped_event_count",
+    "noise_variance_per_bin",
 )
 
 
@@ -47,6 +51,12 @@ class Summary:
     invalid_value_count: int = 0
     unknown_feature_count: int = 0
     spool_dropped_count: int = 0
+    withheld_report_count: int = 0
+    # Events the histograms cover: released reports' events less those clamped away.
+    histogram_event_count: int = 0
+    clamped_event_count: int = 0
+    # Per-bin variance of the DP noise in the histograms (variances of independent noise add).
+    noise_variance_per_bin: float = 0.0
 
     @classmethod
     def zero(cls, spec: Spec) -> Summary:

@@ -26,7 +26,7 @@ _MAX_LATENCY_MS = float(np.finfo(np.float32).max)
 
 def window_start(t: float, length_s: int) -> int:
     """Start of the tumbling window holding time t (aligned to multiples of length since epoch)."""
-    return int(math.floor(t / length_s)) * length_s
+    return int(t // length_s) * length_s  # not floor(t / length_s): t / length_s may round
 
 
 def _latency_array(latency_ms: Any) -> np.ndarray:

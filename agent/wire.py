@@ -4,13 +4,24 @@ on the agent side; the aggregator reuses it so each conversion exists once."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from datasketches import kll_floats_sketch
 
 from agent.errors import SpecError
-from agent.spec import CATEGORICAL, NUMERIC, FeatureSpec, Spec
+from agent.spec import (
+    CATEGORICAL,
+    DEVICE_DAY,
+    DISCRETE_GAUSSIAN,
+    DISCRETE_LAPLACE,
+    EVENT,
+    NO_NOISE,
+    NUMERIC,
+    FeatureSpec,
+    PrivacySpec,
+    Spec,
+)
 from agent.summary import Summary, empty_kll
 from protos import fleetwatch_pb2 as pb
 
@@ -28,6 +39,12 @@ __all__ = [
 
 _TYPE_TO_PB = {NUMERIC: pb.FEATURE_TYPE_NUMERIC, CATEGORICAL: pb.FEATURE_TYPE_CATEGORICAL}
 _TYPE_FROM_PB = {v: k for k, v in _TYPE_TO_PB.items()}
+_UNIT_TO_PB = {EVENT: pb.PRIVACY_UNIT_EVENT, DEVICE_DAY: pb.PRIVACY_UNIT_DEVICE_DAY}
+_UNIT_FROM_PB = {v: k for k, v in _UNIT_TO_PB.items()}
+_MECH_TO_PB = {DISCRETE_LAPLACE: pb.NOISE_MECHANISM_DISCRETE_LAPLACE,
+               DISCRETE_GAUSSIAN: pb.NOISE_MECHANISM_DISCRETE_GAUSSIAN,
+               NO_NOISE: pb.NOISE_MECHANISM_NONE}
+_MECH_FROM_PB = {v: k for k, v in _MECH_TO_PB.items()}
 
 
 @dataclass(frozen=True)
@@ -44,7 +61,9 @@ class ReportMeta:
     spec_hash: str
     created_unix_ms: int = 0
     agent_version: str = ""
-    extra: Mapping[str, int] = field(default_factory=dict)
+    private_withheld: bool = False
+    epsilon_spent: float = 0.0
+    day_epsilon_spent: float = 0.0
 
 
 # -- spec ----------------------------------------------------------------------------------------
@@ -61,6 +80,24 @@ def _feature_from_proto(m: pb.FeatureSpec) -> FeatureSpec:
                        vocabulary=tuple(m.vocabulary), reference_counts=tuple(m.reference_counts))
 
 
+def _privacy_to_proto(p: PrivacySpec) -> pb.PrivacySpec:
+    return pb.PrivacySpec(unit=_UNIT_TO_PB[p.unit], mechanism=_MECH_TO_PB[p.mechanism],
+                          epsilon_per_window=p.epsilon_per_window, delta=p.delta,
+                          daily_epsilon_budget=p.daily_epsilon_budget,
+                          max_events_per_window=p.max_events_per_window)
+
+
+def _privacy_from_proto(m: pb.PrivacySpec) -> PrivacySpec:
+    if m.unit not in _UNIT_FROM_PB:
+        raise SpecError("privacy.unit", f"unknown privacy unit {m.unit}")
+    if m.mechanism not in _MECH_FROM_PB:
+        raise SpecError("privacy.mechanism", f"unknown noise mechanism {m.mechanism}")
+    return PrivacySpec(unit=_UNIT_FROM_PB[m.unit], mechanism=_MECH_FROM_PB[m.mechanism],
+                       epsilon_per_window=m.epsilon_per_window, delta=m.delta,
+                       daily_epsilon_budget=m.daily_epsilon_budget,
+                       max_events_per_window=m.max_events_per_window)
+
+
 def spec_to_proto(spec: Spec) -> pb.Spec:
     msg = pb.Spec(
         model=spec.model,
@@ -71,6 +108,7 @@ def spec_to_proto(spec: Spec) -> pb.Spec:
         hash=spec.hash,
         created_unix_s=spec.created_unix_s,
         reference_rows=spec.reference_rows,
+        privacy=_privacy_to_proto(spec.privacy),
     )
     if spec.prediction is not None:
         msg.prediction.CopyFrom(_feature_to_proto(spec.prediction))
@@ -87,6 +125,9 @@ def spec_from_proto(msg: pb.Spec) -> Spec:
         latency_reference_kll=msg.latency.reference_kll,
         window_length_s=msg.window_length_s,
         reference_rows=msg.reference_rows,
+        # A spec pushed by an older client has no privacy message: the default applies.
+        privacy=(_privacy_from_proto(msg.privacy) if msg.HasField("privacy")
+                 else PrivacySpec()),
         created_unix_s=msg.created_unix_s,
     )
     if msg.hash and msg.hash != spec.hash:
@@ -109,6 +150,7 @@ def _fill_summary(msg: pb.WindowReport | pb.Summary, s: Summary) -> None:
     msg.invalid_value_count = s.invalid_value_count
     msg.unknown_feature_count = s.unknown_feature_count
     msg.spool_dropped_count = s.spool_dropped_count
+    msg.clamped_event_count = s.clamped_event_count
 
 
 def _read_summary(msg: pb.WindowReport | pb.Summary, report_count: int,
@@ -126,11 +168,14 @@ def _read_summary(msg: pb.WindowReport | pb.Summary, report_count: int,
         invalid_value_count=msg.invalid_value_count,
         unknown_feature_count=msg.unknown_feature_count,
         spool_dropped_count=msg.spool_dropped_count,
+        clamped_event_count=msg.clamped_event_count,
     )
 
 
 def summary_to_proto(s: Summary) -> pb.Summary:
-    msg = pb.Summary(report_count=s.report_count)
+    msg = pb.Summary(report_count=s.report_count, noise_variance_per_bin=s.noise_variance_per_bin,
+                     withheld_report_count=s.withheld_report_count,
+                     histogram_event_count=s.histogram_event_count)
     _fill_summary(msg, s)
     return msg
 
@@ -139,7 +184,11 @@ def summary_from_proto(msg: pb.Summary,
                        load_kll: Callable[[bytes], kll_floats_sketch] = _deserialize_kll
                        ) -> Summary:
     """Trusting conversion: callers holding untrusted bytes pass a checking `load_kll`."""
-    return _read_summary(msg, msg.report_count, load_kll)
+    s = _read_summary(msg, msg.report_count, load_kll)
+    s.noise_variance_per_bin = msg.noise_variance_per_bin
+    s.withheld_report_count = msg.withheld_report_count
+    s.histogram_event_count = msg.histogram_event_count
+    return s
 
 
 # -- reports -------------------------------------------------------------------------------------
@@ -156,8 +205,14 @@ def report_to_proto(meta: ReportMeta, summary: Summary) -> pb.WindowReport:
         spec_hash=meta.spec_hash,
         created_unix_ms=meta.created_unix_ms,
         agent_version=meta.agent_version,
+        private_withheld=meta.private_withheld,
+        epsilon_spent=meta.epsilon_spent,
+        day_epsilon_spent=meta.day_epsilon_spent,
     )
     _fill_summary(msg, summary)
+    if meta.private_withheld:  # nothing private leaves the device
+        del msg.features[:]
+        msg.ClearField("prediction")
     return msg
 
 
@@ -176,5 +231,12 @@ def report_from_proto(msg: pb.WindowReport,
         spec_hash=msg.spec_hash,
         created_unix_ms=msg.created_unix_ms,
         agent_version=msg.agent_version,
+        private_withheld=msg.private_withheld,
+        epsilon_spent=msg.epsilon_spent,
+        day_epsilon_spent=msg.day_epsilon_spent,
     )
-    return meta, _read_summary(msg, 1, load_kll)
+    summary = _read_summary(msg, 1, load_kll)
+    summary.withheld_report_count = int(msg.private_withheld)
+    summary.histogram_event_count = (
+        0 if msg.private_withheld else max(0, msg.event_count - msg.clamped_event_count))
+    return meta, summary

@@ -38,7 +38,7 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -49,7 +49,7 @@ from datasketches import (
 )
 
 from agent.errors import ConfigError, SpecError
-from agent.spec import CATEGORICAL, MAX_BINS, NUMERIC, FeatureSpec, Spec
+from agent.spec import CATEGORICAL, MAX_BINS, NUMERIC, FeatureSpec, PrivacySpec, Spec
 
 __all__ = [
     "BaselineOptions",
@@ -83,6 +83,7 @@ class BaselineOptions:
     window_length_s: int = 60
     kll_k: int = 200
     max_categories_lg: int = 10  # lg_max_k of the frequent_strings_sketch
+    privacy: PrivacySpec = field(default_factory=PrivacySpec)  # noise on by default
 
     def __post_init__(self) -> None:
         limits = (
@@ -490,6 +491,7 @@ def build_spec_from_columns(
             latency_reference_kll=latency,
             window_length_s=options.window_length_s,
             reference_rows=n_rows,
+            privacy=options.privacy,
             created_unix_s=int(time.time()),
         )
     except SpecError as e:

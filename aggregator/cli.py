@@ -19,9 +19,16 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from agent.errors import ConfigError, FleetwatchError, SpecError
-from agent.spec import Spec
+from agent.spec import PrivacySpec, Spec
 from agent.wire import spec_to_proto
-from aggregator.render import health_json, health_tables, table, use_color
+from aggregator.render import (
+    health_json,
+    health_tables,
+    privacy_json,
+    privacy_table,
+    table,
+    use_color,
+)
 from aggregator.store.base import parse_labels
 from protos import fleetwatch_pb2 as pb
 from protos import fleetwatch_pb2_grpc as pb_grpc
@@ -40,6 +47,7 @@ workflows:
   instrument        from agent import Monitor  (see README.md)
   ask               fleetwatch health --aggregator 127.0.0.1:7070 --model M --by region
                     fleetwatch cohorts --aggregator 127.0.0.1:7070 --model M
+                    fleetwatch privacy --aggregator 127.0.0.1:7070 --model M --by region
 
 Run `fleetwatch COMMAND --help` for the options of each command.
 """
@@ -147,6 +155,20 @@ def cmd_health(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_privacy(ns: argparse.Namespace) -> int:
+    request = _health_request(ns)
+    with _channel(ns.aggregator) as channel:
+        stub = pb_grpc.QueryStub(channel)
+        resp = _rpc("privacy", lambda: stub.CohortPrivacy(request, timeout=ns.timeout),
+                    ns.aggregator)
+    cohorts = list(resp.cohorts)  # type: ignore[attr-defined]
+    if ns.json:
+        print(json.dumps(privacy_json(cohorts), indent=2))
+    else:
+        print(privacy_table(cohorts, color=use_color()))
+    return 0
+
+
 def cmd_cohorts(ns: argparse.Namespace) -> int:
     with _channel(ns.aggregator) as channel:
         stub = pb_grpc.QueryStub(channel)
@@ -169,8 +191,11 @@ def cmd_cohorts(ns: argparse.Namespace) -> int:
 def cmd_baseline_build(ns: argparse.Namespace) -> int:
     from aggregator.baseline import BaselineOptions, build_spec_from_csv
 
+    privacy = PrivacySpec(unit=ns.unit, mechanism=ns.mechanism, epsilon_per_window=ns.epsilon,
+                          delta=ns.delta, daily_epsilon_budget=ns.daily_budget,
+                          max_events_per_window=ns.max_events_per_window)
     options = BaselineOptions(bins=ns.bins, top_k=ns.top_k,
-                              window_length_s=int(parse_duration(ns.window)))
+                              window_length_s=int(parse_duration(ns.window)), privacy=privacy)
     categorical = [c.strip() for c in (ns.categorical or "").split(",") if c.strip()]
 
     def progress(msg: str) -> None:
@@ -300,6 +325,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print a JSON list of cohort objects (schema: docs/health-json.md)")
     p.set_defaults(func=cmd_health)
 
+    p = sub.add_parser("privacy", help="privacy budget per cohort: spend, withholding devices",
+                       description="Per cohort: the noise mechanism and unit, devices whose "
+                       "budget is spent (withholding private histograms), and the spend so far.")
+    _client_args(p)
+    p.add_argument("--cohort", metavar="K=V,...", help="label selector, e.g. region=eu")
+    p.add_argument("--by", action="append", metavar="KEY",
+                   help="group by these label keys (repeat or comma-separate)")
+    p.add_argument("--since", default="24h", metavar="DUR",
+                   help="look back this long from --until (default: %(default)s)")
+    p.add_argument("--until", default=None, metavar="TIME",
+                   help="end of the range: Unix seconds or ISO-8601 (default: now)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of cohort objects")
+    p.set_defaults(func=cmd_privacy)
+
     p = sub.add_parser("cohorts", help="list the label keys and values seen for a model")
     _client_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -322,6 +361,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--bins", type=int, default=10, help="equal-mass bins (default: 10)")
     b.add_argument("--top-k", type=int, default=20, help="vocabulary size (default: 20)")
     b.add_argument("--window", default="60s", help="window length (default: 60s)")
+    g = b.add_argument_group("privacy (docs/privacy.md)")
+    g.add_argument("--epsilon", type=float, default=1.0,
+                   help="privacy loss per window, all private histograms together "
+                   "(default: %(default)s)")
+    g.add_argument("--unit", choices=["event", "device-day"], default="event",
+                   help="what is protected (default: %(default)s)")
+    g.add_argument("--mechanism", choices=["discrete_laplace", "discrete_gaussian", "none"],
+                   default="discrete_laplace",
+                   help="noise; 'none' is NOT private (default: %(default)s)")
+    g.add_argument("--delta", type=float, default=0.0, help="delta, discrete Gaussian only")
+    g.add_argument("--daily-budget", type=float, default=0.0, metavar="EPS",
+                   help="device-day: epsilon one device may spend per UTC day")
+    g.add_argument("--max-events-per-window", type=int, default=0, metavar="N",
+                   help="device-day: events per window that reach the private histograms")
     b.add_argument("--out", required=True, help="spec JSON to write")
     b.set_defaults(func=cmd_baseline_build)
 

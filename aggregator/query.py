@@ -12,23 +12,51 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from datasketches import kll_floats_sketch
 
-from agent.spec import Spec
+from agent.privacy import noise_plan
+from agent.spec import EVENT, FeatureSpec, Spec
 from agent.summary import Summary
-from aggregator.drift import DriftScores, feature_drift
-from aggregator.store.base import LabelSet, Store, rollup_resolutions, time_cover
+from aggregator.drift import DriftScores, feature_drift, suppress_noise
+from aggregator.significance import (
+    Significance,
+    SignificanceCache,
+    insufficient_data,
+    is_drifting,
+)
+from aggregator.store.base import (
+    LabelSet,
+    PrivacyStats,
+    Store,
+    rollup_resolutions,
+    time_cover,
+)
 
-__all__ = ["CohortHealth", "QueryError", "cohort_health", "list_cohorts", "resolve_range"]
+__all__ = ["CohortHealth", "CohortPrivacy", "QueryError", "cohort_health", "cohort_privacy",
+           "list_cohorts", "resolve_range"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RANGE_S = 3600
+PSI_THRESHOLD = 0.1   # a feature drifts when its PSI passes this and is significant
+ALPHA = 0.01
 NONE_VALUE = ""  # group value for label sets that lack the group key
 
 
 class QueryError(ValueError):
     """A query that cannot be answered as asked (unknown model, bad range)."""
+
+
+@dataclass(frozen=True)
+class FeatureHealth:
+    """A feature's drift scores with their significance."""
+
+    name: str
+    scores: DriftScores
+    significance: Significance
+    drifting: bool
+    insufficient_data: bool
 
 
 @dataclass(frozen=True)
@@ -48,14 +76,16 @@ class CohortHealth:
     latency_p95_ms: float
     latency_p99_ms: float
     latency_rank_error: float
-    features: Sequence[tuple[str, DriftScores]] = field(default_factory=tuple)
-    prediction: DriftScores | None = None
-    prediction_name: str = ""
+    features: Sequence[FeatureHealth] = field(default_factory=tuple)
+    prediction: FeatureHealth | None = None
     late_events: int = 0
     invalid_values: int = 0
     unknown_features: int = 0
     spool_dropped: int = 0
     reference_latency_ms: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+    withheld_reports: int = 0
+    histogram_events: int = 0
+    noise_sd_per_bin: float = 0.0
 
 
 def resolve_spec(store: Store, model: str, model_version: str = "") -> Spec:
@@ -100,18 +130,33 @@ def _group_key(ls: LabelSet, group_by: Sequence[str]) -> tuple[str, ...]:
     return tuple(ls.labels.get(k, NONE_VALUE) for k in group_by)
 
 
+_DEFAULT_SIGNIFICANCE = SignificanceCache()
+
+
+def _feature_health(feature: FeatureSpec, counts: np.ndarray, merged: Summary,
+                    cache: SignificanceCache) -> FeatureHealth:
+    scores = feature_drift(feature, suppress_noise(counts, merged.noise_variance_per_bin,
+                                                   feature.reference_counts))
+    # The events the histograms cover, not the clamped noisy sum (which overstates it).
+    count = merged.histogram_event_count or scores.count
+    sig = cache.significance(feature, scores, count, merged.noise_variance_per_bin)
+    return FeatureHealth(feature.name, scores, sig,
+                         drifting=is_drifting(scores, sig, PSI_THRESHOLD, ALPHA),
+                         insufficient_data=insufficient_data(sig.expected_null_psi,
+                                                             PSI_THRESHOLD))
+
+
 def cohort_health(store: Store, model: str, model_version: str = "",
                   selector: Mapping[str, str] | None = None, group_by: Sequence[str] = (),
-                  start: int = 0, end: int = 0, now: float | None = None) -> list[CohortHealth]:
+                  start: int = 0, end: int = 0, now: float | None = None,
+                  significance: SignificanceCache | None = None) -> list[CohortHealth]:
     """Health of every cohort of the selection, grouped by `group_by` keys (sorted by key)."""
+    significance = significance or _DEFAULT_SIGNIFICANCE
     selector = dict(selector or {})
     spec = resolve_spec(store, model, model_version)
     lo, hi = resolve_range(start, end, spec.window_length_s, now)
     cover = time_cover(lo, hi, rollup_resolutions(spec.window_length_s))
-    groups: dict[tuple[str, ...], list[LabelSet]] = {}
-    for ls in store.label_sets(spec.hash):
-        if ls.matches(selector):
-            groups.setdefault(_group_key(ls, group_by), []).append(ls)
+    groups = _select(store, spec, selector, group_by)
     reference_latency = _reference_latency(spec)
     out = []
     for key in sorted(groups):
@@ -142,18 +187,66 @@ def cohort_health(store: Store, model: str, model_version: str = "",
             latency_p99_ms=p99,
             latency_rank_error=merged.latency.normalized_rank_error(False)
             if not merged.latency.is_empty() else 0.0,
-            features=tuple((f.name, feature_drift(f, merged.features[f.name]))
+            features=tuple(_feature_health(f, merged.features[f.name], merged, significance)
                            for f in spec.features),
-            prediction=(feature_drift(spec.prediction, merged.prediction)
+            prediction=(_feature_health(spec.prediction, merged.prediction, merged,
+                                        significance)
                         if spec.prediction is not None and merged.prediction is not None
                         else None),
-            prediction_name=spec.prediction.name if spec.prediction is not None else "",
             late_events=merged.late_event_count,
             invalid_values=merged.invalid_value_count,
             unknown_features=merged.unknown_feature_count,
             spool_dropped=merged.spool_dropped_count,
             reference_latency_ms=reference_latency,
+            withheld_reports=merged.withheld_report_count,
+            histogram_events=merged.histogram_event_count,
+            noise_sd_per_bin=math.sqrt(merged.noise_variance_per_bin),
         ))
+    return out
+
+
+@dataclass(frozen=True)
+class CohortPrivacy:
+    cohort: Mapping[str, str]
+    spec: Spec
+    start_unix_s: int
+    end_unix_s: int
+    noise_sd_per_bin: float
+    stats: PrivacyStats
+    per_event_epsilon: float
+
+
+def _select(store: Store, spec: Spec, selector: Mapping[str, str],
+            group_by: Sequence[str]) -> dict[tuple[str, ...], list[LabelSet]]:
+    groups: dict[tuple[str, ...], list[LabelSet]] = {}
+    for ls in store.label_sets(spec.hash):
+        if ls.matches(selector):
+            groups.setdefault(_group_key(ls, group_by), []).append(ls)
+    return groups
+
+
+def cohort_privacy(store: Store, model: str, model_version: str = "",
+                   selector: Mapping[str, str] | None = None, group_by: Sequence[str] = (),
+                   start: int = 0, end: int = 0, now: float | None = None
+                   ) -> list[CohortPrivacy]:
+    """Per cohort: how much budget its devices spent and how many are withholding."""
+    selector = dict(selector or {})
+    spec = resolve_spec(store, model, model_version)
+    lo, hi = resolve_range(start, end, spec.window_length_s, now)
+    plan = noise_plan(spec)
+    out = []
+    for key, members in sorted(_select(store, spec, selector, group_by).items()):
+        stats = store.privacy_stats(spec.hash, (ls.id for ls in members), lo, hi)
+        if not stats.reports:
+            continue
+        cohort = dict(selector)
+        cohort.update(zip(group_by, key, strict=True))
+        out.append(CohortPrivacy(
+            cohort=cohort, spec=spec, start_unix_s=lo, end_unix_s=hi,
+            noise_sd_per_bin=math.sqrt(plan.variance_per_bin) if plan else 0.0,
+            stats=stats,
+            per_event_epsilon=(spec.privacy.epsilon_per_window
+                               if plan and spec.privacy.unit == EVENT else math.nan)))
     return out
 
 

@@ -28,9 +28,11 @@ def _num(x: float) -> float | None:
 
 def _drift_json(d: pb.FeatureDrift) -> dict[str, Any]:
     return {"name": d.name, "count": d.count, "psi": _num(d.psi),
-            "js_distance": _num(d.js_distance), "ks": _num(d.ks),
+            "js": _num(d.js_distance), "ks": _num(d.ks),
             "wasserstein": _num(d.wasserstein), "wasserstein_norm": _num(d.wasserstein_norm),
-            "missing_rate": _num(d.missing_rate)}
+            "missing_rate": _num(d.missing_rate), "p_value": _num(d.p_value),
+            "drifting": d.drifting, "insufficient_data": d.insufficient_data,
+            "expected_null_psi": _num(d.expected_null_psi)}
 
 
 def cohort_label(h: pb.CohortHealth) -> str:
@@ -38,14 +40,16 @@ def cohort_label(h: pb.CohortHealth) -> str:
 
 
 def cohort_status(h: pb.CohortHealth) -> list[str]:
-    """Problems worth a look, from the scores alone (alert rules come later)."""
+    """Problems worth a look: drifting features (PSI over the threshold and significant under
+    the cohort's noise), too little data to judge drift, slow latency, high error rate."""
     out = []
-    drifted = [d.name for d in h.features if math.isfinite(d.psi) and d.psi > PSI_MAJOR]
+    drifted = [d.name for d in h.features if d.drifting]
     if drifted:
         out.append("drift:" + "+".join(drifted[:3]) + ("+..." if len(drifted) > 3 else ""))
-    if h.HasField("prediction") and math.isfinite(h.prediction.psi) and \
-            h.prediction.psi > PSI_MAJOR:
+    if h.HasField("prediction") and h.prediction.drifting:
         out.append("prediction-drift")
+    if h.features and all(d.insufficient_data for d in h.features):
+        out.append("insufficient-data")
     ref = h.reference_latency_p95_ms
     if math.isfinite(ref) and ref > 0 and math.isfinite(h.latency_p95_ms) and \
             h.latency_p95_ms > SLOW_FACTOR * ref:
@@ -84,6 +88,9 @@ def health_json(cohorts: Sequence[pb.CohortHealth]) -> list[dict[str, Any]]:
             "invalid_values": h.invalid_values,
             "unknown_features": h.unknown_features,
             "spool_dropped": h.spool_dropped,
+            "withheld_reports": h.withheld_reports,
+            "histogram_events": h.histogram_events,
+            "noise_sd_per_bin": h.noise_sd_per_bin,
             "status": cohort_status(h),
         })
     return out
@@ -137,37 +144,88 @@ def health_tables(cohorts: Sequence[pb.CohortHealth], color: bool = False,
     if not cohorts:
         return "no data for this selection and time range"
     headers = ["cohort", "devices", "events", "err%", "p50ms", "p95ms", "p99ms", "max psi",
-               "feature", "status"]
+               "p", "feature", "status"]
     rows, colors = [], []
     drift_rows, drift_colors = [], []
     for h in cohorts:
-        worst = max(h.features, key=lambda d: d.psi if math.isfinite(d.psi) else -1.0,
+        # The worst drifting feature, else the largest PSI.
+        worst = max(h.features, key=lambda d: (d.drifting,
+                                               d.psi if math.isfinite(d.psi) else -1.0),
                     default=None)
         status = cohort_status(h)
         label = cohort_label(h)
         rows.append([label, str(h.devices), str(h.events), _f(100 * h.error_rate, ".2f"),
                      _f(h.latency_p50_ms), _f(h.latency_p95_ms), _f(h.latency_p99_ms),
-                     _f(worst.psi, ".3f") if worst else "-", worst.name if worst else "-",
+                     _f(worst.psi, ".3f") if worst else "-",
+                     _f(worst.p_value, ".3f") if worst else "-", worst.name if worst else "-",
                      " ".join(status) or "ok"])
         slow = "latency" in status
-        psi_color = (_RED if worst and worst.psi > PSI_MAJOR else
+        psi_color = (_RED if worst and worst.drifting else
                      _YELLOW if worst and worst.psi > PSI_MODERATE else None)
         colors.append([None, None, None, _RED if "errors" in status else None, None,
                        _RED if slow else None, _RED if slow else None, psi_color, psi_color,
-                       _RED if status else _GREEN])
+                       psi_color, _RED if status else _GREEN])
         for d in list(h.features) + ([h.prediction] if h.HasField("prediction") else []):
-            if math.isfinite(d.psi) and d.psi >= drift_threshold:
-                drift_rows.append([label, d.name, _f(d.psi, ".3f"), _f(d.js_distance, ".3f"),
-                                   _f(d.ks, ".3f"), _f(d.wasserstein_norm, ".3f"),
-                                   _f(100 * d.missing_rate, ".1f")])
-                c = _RED if d.psi > PSI_MAJOR else _YELLOW
-                drift_colors.append([None, None, c, None, None, None, None])
+            if d.drifting or (math.isfinite(d.psi) and d.psi >= drift_threshold):
+                verdict = ("DRIFT" if d.drifting else
+                           "insufficient data" if d.insufficient_data else "not significant")
+                drift_rows.append([label, d.name, _f(d.psi, ".3f"), _f(d.p_value, ".4f"),
+                                   _f(d.js_distance, ".3f"), _f(d.ks, ".3f"),
+                                   _f(d.wasserstein_norm, ".3f"), _f(100 * d.missing_rate, ".1f"),
+                                   verdict])
+                c = _RED if d.drifting else _YELLOW
+                drift_colors.append([None, None, c, c, None, None, None, None, c])
     out = table(headers, rows, color, colors)
     if drift_rows:
-        out += (f"\n\nfeatures with PSI >= {drift_threshold} (PSI > {PSI_MAJOR} is major "
-                "drift):\n")
-        out += table(["cohort", "feature", "psi", "js", "ks", "w/sd", "miss%"], drift_rows,
-                     color, drift_colors)
+        out += (f"\n\nfeatures with PSI >= {drift_threshold} (DRIFT: significant at p < 0.01 "
+                "under this cohort's sampling and privacy noise):\n")
+        out += table(["cohort", "feature", "psi", "p", "js", "ks", "w/sd", "miss%", "verdict"],
+                     drift_rows, color, drift_colors)
     else:
         out += f"\n\nno feature has PSI >= {drift_threshold}"
     return out
+
+
+def privacy_json(cohorts: Sequence[pb.CohortPrivacy]) -> list[dict[str, Any]]:
+    """`fleetwatch privacy --json`: a list of cohort objects (docs/privacy.md)."""
+    return [{
+        "cohort": dict(sorted(c.cohort.items())),
+        "model": c.model, "model_version": c.model_version, "spec_hash": c.spec_hash,
+        "start_unix_s": c.start_unix_s, "end_unix_s": c.end_unix_s,
+        "unit": c.unit, "mechanism": c.mechanism,
+        "epsilon_per_window": c.epsilon_per_window, "delta": c.delta,
+        "daily_epsilon_budget": _num(c.daily_epsilon_budget) if c.unit == "device-day" else None,
+        "noise_sd_per_bin": c.noise_sd_per_bin,
+        "devices": c.devices, "devices_withholding": c.devices_withholding,
+        "reports": c.reports, "reports_withheld": c.reports_withheld,
+        "max_day_epsilon_spent": c.max_day_epsilon_spent if c.unit == "device-day" else None,
+        "mean_day_epsilon_spent": c.mean_day_epsilon_spent if c.unit == "device-day" else None,
+        "per_event_epsilon": _num(c.per_event_epsilon),
+    } for c in cohorts]
+
+
+def privacy_table(cohorts: Sequence[pb.CohortPrivacy], color: bool = False) -> str:
+    if not cohorts:
+        return "no data for this selection and time range"
+    first = cohorts[0]
+    if first.mechanism == "none":
+        head = "spec adds NO noise: histograms are not private"
+    else:
+        head = (f"{first.mechanism}, unit {first.unit}, epsilon {first.epsilon_per_window:g} "
+                f"per window" + (f", delta {first.delta:g}" if first.delta else "")
+                + (f", daily budget {first.daily_epsilon_budget:g}"
+                   if first.unit == "device-day" else "")
+                + f"; noise sd per bin per report {first.noise_sd_per_bin:.1f}")
+    rows, colors = [], []
+    for c in cohorts:
+        day = c.unit == "device-day"
+        rows.append([",".join(f"{k}={v or '(none)'}" for k, v in sorted(c.cohort.items()))
+                     or "(all)", str(c.devices), str(c.devices_withholding), str(c.reports),
+                     str(c.reports_withheld),
+                     f"{c.max_day_epsilon_spent:.3g}" if day else "-",
+                     f"{c.mean_day_epsilon_spent:.3g}" if day else "-",
+                     _f(c.per_event_epsilon, ".3g")])
+        colors.append([None, None, _RED if c.devices_withholding else None] + [None] * 5)
+    return head + "\n\n" + table(["cohort", "devices", "withholding", "reports", "withheld",
+                                  "max day eps", "mean day eps", "eps/event"], rows, color,
+                                 colors)

@@ -11,9 +11,16 @@ import grpc
 
 from agent.errors import SpecError, ValidationError
 from agent.wire import spec_from_proto, spec_to_proto
-from aggregator.drift import DriftScores
 from aggregator.ingest import Ingestor, UnknownSpec
-from aggregator.query import CohortHealth, QueryError, cohort_health, list_cohorts
+from aggregator.query import (
+    CohortHealth,
+    CohortPrivacy,
+    FeatureHealth,
+    QueryError,
+    cohort_health,
+    cohort_privacy,
+    list_cohorts,
+)
 from aggregator.store.base import IngestOutcome, Store, canonical_labels
 from protos import fleetwatch_pb2 as pb
 from protos import fleetwatch_pb2_grpc as pb_grpc
@@ -96,10 +103,14 @@ class AdminService(pb_grpc.AdminServicer):
                                            for s in self.store.list_specs(request.model)])
 
 
-def _drift_to_proto(name: str, d: DriftScores) -> pb.FeatureDrift:
-    return pb.FeatureDrift(name=name, count=d.count, psi=d.psi, js_distance=d.js_distance,
+def _drift_to_proto(f: FeatureHealth) -> pb.FeatureDrift:
+    d = f.scores
+    return pb.FeatureDrift(name=f.name, count=d.count, psi=d.psi, js_distance=d.js_distance,
                            ks=d.ks, wasserstein=d.wasserstein,
-                           wasserstein_norm=d.wasserstein_norm, missing_rate=d.missing_rate)
+                           wasserstein_norm=d.wasserstein_norm, missing_rate=d.missing_rate,
+                           p_value=f.significance.p_value, drifting=f.drifting,
+                           insufficient_data=f.insufficient_data,
+                           expected_null_psi=f.significance.expected_null_psi)
 
 
 def health_to_proto(h: CohortHealth) -> pb.CohortHealth:
@@ -110,16 +121,31 @@ def health_to_proto(h: CohortHealth) -> pb.CohortHealth:
         error_rate=h.error_rate, latency_p50_ms=h.latency_p50_ms,
         latency_p95_ms=h.latency_p95_ms, latency_p99_ms=h.latency_p99_ms,
         latency_rank_error=h.latency_rank_error,
-        features=[_drift_to_proto(n, d) for n, d in h.features],
+        features=[_drift_to_proto(f) for f in h.features],
         late_events=h.late_events, invalid_values=h.invalid_values,
         unknown_features=h.unknown_features, spool_dropped=h.spool_dropped,
         reference_latency_p50_ms=h.reference_latency_ms[0],
         reference_latency_p95_ms=h.reference_latency_ms[1],
         reference_latency_p99_ms=h.reference_latency_ms[2],
+        withheld_reports=h.withheld_reports, histogram_events=h.histogram_events,
+        noise_sd_per_bin=h.noise_sd_per_bin,
     )
     if h.prediction is not None:
-        msg.prediction.CopyFrom(_drift_to_proto(h.prediction_name, h.prediction))
+        msg.prediction.CopyFrom(_drift_to_proto(h.prediction))
     return msg
+
+
+def privacy_to_proto(c: CohortPrivacy) -> pb.CohortPrivacy:
+    p, st = c.spec.privacy, c.stats
+    return pb.CohortPrivacy(
+        cohort=dict(c.cohort), model=c.spec.model, model_version=c.spec.model_version,
+        spec_hash=c.spec.hash, start_unix_s=c.start_unix_s, end_unix_s=c.end_unix_s,
+        unit=p.unit, mechanism=p.mechanism, epsilon_per_window=p.epsilon_per_window,
+        delta=p.delta, daily_epsilon_budget=p.daily_epsilon_budget,
+        noise_sd_per_bin=c.noise_sd_per_bin, devices=st.devices,
+        devices_withholding=st.devices_withholding, reports=st.reports,
+        reports_withheld=st.reports_withheld, max_day_epsilon_spent=st.max_day_epsilon,
+        mean_day_epsilon_spent=st.mean_day_epsilon, per_event_epsilon=c.per_event_epsilon)
 
 
 class QueryService(pb_grpc.QueryServicer):
@@ -135,6 +161,16 @@ class QueryService(pb_grpc.QueryServicer):
         except Exception as e:
             _abort(context, e)
         return pb.CohortHealthResponse(cohorts=[health_to_proto(h) for h in result])
+
+    def CohortPrivacy(self, request: pb.CohortHealthRequest,
+                      context: grpc.ServicerContext) -> pb.CohortPrivacyResponse:
+        try:
+            result = cohort_privacy(self.store, request.model, request.model_version,
+                                    dict(request.selector), list(request.group_by),
+                                    request.start_unix_s, request.end_unix_s)
+        except Exception as e:
+            _abort(context, e)
+        return pb.CohortPrivacyResponse(cohorts=[privacy_to_proto(c) for c in result])
 
     def ListCohorts(self, request: pb.ListCohortsRequest,
                     context: grpc.ServicerContext) -> pb.ListCohortsResponse:

@@ -7,12 +7,14 @@ the layout first.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from agent.errors import ValidationError
+from agent.privacy import NoisePlan, noise_plan
 from agent.spec import Spec
 from agent.summary import Summary
 from agent.wire import ReportMeta, report_from_proto
@@ -35,6 +37,16 @@ class Limits:
     max_events_per_report: int = 1 << 32
     max_future_s: int = 86400     # window starts further ahead of our clock are refused
     max_sketch_bytes: int = 1 << 20
+
+
+_PLANS: dict[str, NoisePlan | None] = {}
+
+
+def _noise_plan(spec: Spec) -> NoisePlan | None:
+    """The spec's noise plan, computed once per spec hash (specs are few and immutable)."""
+    if spec.hash not in _PLANS:
+        _PLANS[spec.hash] = noise_plan(spec)
+    return _PLANS[spec.hash]
 
 
 def _fail(field: str, message: str) -> ValidationError:
@@ -78,17 +90,25 @@ def _check_meta(msg: pb.WindowReport, spec: Spec, limits: Limits, now: float) ->
         raise _fail("late_event_count", "more late events than events")
 
 
-def _check_histogram(field: str, counts: np.ndarray, length: int, events: int) -> None:
+def _check_histogram(field: str, counts: np.ndarray, length: int, events: int,
+                     noise_bound: float | None) -> None:
     if counts.shape[0] != length:
         raise _fail(field, f"expected {length} bins, got {counts.shape[0]}")
-    if (counts < 0).any():
-        raise _fail(field, "negative count")
-    # Bound every count first: huge counts could wrap the int64 sum around to `events`.
-    if (counts > events).any():
-        raise _fail(field, f"a count is above the report's {events} events")
-    total = int(counts.sum())
-    if total != events:
-        raise _fail(field, f"counts add up to {total}, the report has {events} events")
+    if noise_bound is None:  # exact counts
+        if (counts < 0).any():
+            raise _fail(field, "negative count")
+        # Bound every count first: huge counts could wrap the int64 sum around to `events`.
+        if (counts > events).any():
+            raise _fail(field, f"a count is above the report's {events} events")
+        total = int(counts.sum())
+        if total != events:
+            raise _fail(field, f"counts add up to {total}, the report has {events} events")
+        return
+    # Noisy counts: each is a true count in [0, events] plus noise that exceeds the bound
+    # with probability far below 1e-20 (the bound is 50 standard deviations).
+    if (counts < -noise_bound).any() or (counts > events + noise_bound).any():
+        raise _fail(field, f"a count is outside [-{noise_bound:.0f}, {events} + "
+                    f"{noise_bound:.0f}], impossible for {events} events with this spec's noise")
 
 
 def validate_report(msg: pb.WindowReport, spec: Spec, limits: Limits = Limits(),
@@ -98,28 +118,51 @@ def validate_report(msg: pb.WindowReport, spec: Spec, limits: Limits = Limits(),
     Raises ValidationError (or its subclass SketchError) naming the field."""
     now = time.time() if now is None else now
     _check_meta(msg, spec, limits, now)
-    names = [f.name for f in msg.features]
-    if names != list(spec.feature_names):
-        missing = sorted(set(spec.feature_names) - set(names))
-        extra = sorted(set(names) - set(spec.feature_names))
-        raise _fail("features", f"must list the spec's features in spec order "
-                    f"(missing {missing[:5]}, unexpected {[e[:40] for e in extra[:5]]})")
-    if spec.prediction is not None and not msg.HasField("prediction"):
-        raise _fail("prediction", "the spec has a prediction summary; the report has none")
-    if spec.prediction is None and msg.HasField("prediction"):
-        raise _fail("prediction", "the spec has no prediction summary")
+    plan = _noise_plan(spec)
+    if msg.private_withheld:
+        if plan is None:
+            raise _fail("private_withheld", "the spec adds no noise, so nothing is withheld")
+        if msg.features or msg.HasField("prediction"):
+            raise _fail("private_withheld", "a withheld report must not carry histograms")
+    else:
+        names = [f.name for f in msg.features]
+        if names != list(spec.feature_names):
+            missing = sorted(set(spec.feature_names) - set(names))
+            extra = sorted(set(names) - set(spec.feature_names))
+            raise _fail("features", f"must list the spec's features in spec order "
+                        f"(missing {missing[:5]}, unexpected {[e[:40] for e in extra[:5]]})")
+        if spec.prediction is not None and not msg.HasField("prediction"):
+            raise _fail("prediction", "the spec has a prediction summary; the report has none")
+        if spec.prediction is None and msg.HasField("prediction"):
+            raise _fail("prediction", "the spec has no prediction summary")
+    for name in ("epsilon_spent", "day_epsilon_spent"):
+        value = getattr(msg, name)
+        if not (math.isfinite(value) and 0 <= value <= 1e6):
+            raise _fail(name, f"{value} is not a privacy loss")
+    if msg.clamped_event_count > msg.event_count:
+        raise _fail("clamped_event_count", "more clamped events than events")
+    if plan is None and msg.clamped_event_count:
+        raise _fail("clamped_event_count", "the spec does not clamp")
     if len(msg.latency_kll) > limits.max_sketch_bytes:
         raise _fail("latency_kll", f"{len(msg.latency_kll)} bytes is over the limit of "
                     f"{limits.max_sketch_bytes}")
     meta, summary = report_from_proto(
         msg, load_kll=lambda b: load_kll_floats(b, max_bytes=limits.max_sketch_bytes,
                                                 max_n=max(msg.event_count, 1)))
-    for f in spec.features:
-        _check_histogram(f"features[{f.name!r}]", summary.features[f.name], f.histogram_length,
-                         msg.event_count)
-    if spec.prediction is not None and summary.prediction is not None:
-        _check_histogram("prediction", summary.prediction, spec.prediction.histogram_length,
-                         msg.event_count)
+    if msg.private_withheld:  # zeros merge as nothing: the cohort's histograms stay aligned
+        zero = Summary.zero(spec)
+        summary.features, summary.prediction = zero.features, zero.prediction
+    else:
+        events = msg.event_count - msg.clamped_event_count
+        bound = None if plan is None else 50 * math.sqrt(plan.variance_per_bin) + 50
+        for f in spec.features:
+            _check_histogram(f"features[{f.name!r}]", summary.features[f.name],
+                             f.histogram_length, events, bound)
+        if spec.prediction is not None and summary.prediction is not None:
+            _check_histogram("prediction", summary.prediction, spec.prediction.histogram_length,
+                             events, bound)
+        # The variance follows from the spec: never take the device's word for it.
+        summary.noise_variance_per_bin = 0.0 if plan is None else plan.variance_per_bin
     if summary.latency.n > msg.event_count:
         raise _fail("latency_kll", f"sketch holds {summary.latency.n} latencies for "
                     f"{msg.event_count} events")

@@ -12,9 +12,29 @@ class FeatureType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FEATURE_TYPE_UNSPECIFIED: _ClassVar[FeatureType]
     FEATURE_TYPE_NUMERIC: _ClassVar[FeatureType]
     FEATURE_TYPE_CATEGORICAL: _ClassVar[FeatureType]
+
+class PrivacyUnit(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRIVACY_UNIT_UNSPECIFIED: _ClassVar[PrivacyUnit]
+    PRIVACY_UNIT_EVENT: _ClassVar[PrivacyUnit]
+    PRIVACY_UNIT_DEVICE_DAY: _ClassVar[PrivacyUnit]
+
+class NoiseMechanism(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NOISE_MECHANISM_UNSPECIFIED: _ClassVar[NoiseMechanism]
+    NOISE_MECHANISM_DISCRETE_LAPLACE: _ClassVar[NoiseMechanism]
+    NOISE_MECHANISM_DISCRETE_GAUSSIAN: _ClassVar[NoiseMechanism]
+    NOISE_MECHANISM_NONE: _ClassVar[NoiseMechanism]
 FEATURE_TYPE_UNSPECIFIED: FeatureType
 FEATURE_TYPE_NUMERIC: FeatureType
 FEATURE_TYPE_CATEGORICAL: FeatureType
+PRIVACY_UNIT_UNSPECIFIED: PrivacyUnit
+PRIVACY_UNIT_EVENT: PrivacyUnit
+PRIVACY_UNIT_DEVICE_DAY: PrivacyUnit
+NOISE_MECHANISM_UNSPECIFIED: NoiseMechanism
+NOISE_MECHANISM_DISCRETE_LAPLACE: NoiseMechanism
+NOISE_MECHANISM_DISCRETE_GAUSSIAN: NoiseMechanism
+NOISE_MECHANISM_NONE: NoiseMechanism
 
 class FeatureSpec(_message.Message):
     __slots__ = ("name", "type", "edges", "vocabulary", "reference_counts")
@@ -30,6 +50,22 @@ class FeatureSpec(_message.Message):
     reference_counts: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, name: _Optional[str] = ..., type: _Optional[_Union[FeatureType, str]] = ..., edges: _Optional[_Iterable[float]] = ..., vocabulary: _Optional[_Iterable[str]] = ..., reference_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class PrivacySpec(_message.Message):
+    __slots__ = ("unit", "mechanism", "epsilon_per_window", "delta", "daily_epsilon_budget", "max_events_per_window")
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    MECHANISM_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_PER_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    DAILY_EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    MAX_EVENTS_PER_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    unit: PrivacyUnit
+    mechanism: NoiseMechanism
+    epsilon_per_window: float
+    delta: float
+    daily_epsilon_budget: float
+    max_events_per_window: int
+    def __init__(self, unit: _Optional[_Union[PrivacyUnit, str]] = ..., mechanism: _Optional[_Union[NoiseMechanism, str]] = ..., epsilon_per_window: _Optional[float] = ..., delta: _Optional[float] = ..., daily_epsilon_budget: _Optional[float] = ..., max_events_per_window: _Optional[int] = ...) -> None: ...
+
 class LatencySpec(_message.Message):
     __slots__ = ("reference_kll",)
     REFERENCE_KLL_FIELD_NUMBER: _ClassVar[int]
@@ -37,7 +73,7 @@ class LatencySpec(_message.Message):
     def __init__(self, reference_kll: _Optional[bytes] = ...) -> None: ...
 
 class Spec(_message.Message):
-    __slots__ = ("model", "model_version", "features", "prediction", "latency", "window_length_s", "hash", "created_unix_s", "reference_rows")
+    __slots__ = ("model", "model_version", "features", "prediction", "latency", "window_length_s", "hash", "created_unix_s", "reference_rows", "privacy")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +83,7 @@ class Spec(_message.Message):
     HASH_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: str
     features: _containers.RepeatedCompositeFieldContainer[FeatureSpec]
@@ -56,7 +93,8 @@ class Spec(_message.Message):
     hash: str
     created_unix_s: int
     reference_rows: int
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., features: _Optional[_Iterable[_Union[FeatureSpec, _Mapping]]] = ..., prediction: _Optional[_Union[FeatureSpec, _Mapping]] = ..., latency: _Optional[_Union[LatencySpec, _Mapping]] = ..., window_length_s: _Optional[int] = ..., hash: _Optional[str] = ..., created_unix_s: _Optional[int] = ..., reference_rows: _Optional[int] = ...) -> None: ...
+    privacy: PrivacySpec
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., features: _Optional[_Iterable[_Union[FeatureSpec, _Mapping]]] = ..., prediction: _Optional[_Union[FeatureSpec, _Mapping]] = ..., latency: _Optional[_Union[LatencySpec, _Mapping]] = ..., window_length_s: _Optional[int] = ..., hash: _Optional[str] = ..., created_unix_s: _Optional[int] = ..., reference_rows: _Optional[int] = ..., privacy: _Optional[_Union[PrivacySpec, _Mapping]] = ...) -> None: ...
 
 class Histogram(_message.Message):
     __slots__ = ("counts",)
@@ -73,7 +111,7 @@ class FeatureHistogram(_message.Message):
     def __init__(self, name: _Optional[str] = ..., histogram: _Optional[_Union[Histogram, _Mapping]] = ...) -> None: ...
 
 class WindowReport(_message.Message):
-    __slots__ = ("device_id", "model", "model_version", "labels", "window_start_unix_s", "window_length_s", "seq", "spec_hash", "event_count", "error_count", "features", "prediction", "latency_kll", "late_event_count", "invalid_value_count", "unknown_feature_count", "spool_dropped_count", "created_unix_ms", "agent_version")
+    __slots__ = ("device_id", "model", "model_version", "labels", "window_start_unix_s", "window_length_s", "seq", "spec_hash", "event_count", "error_count", "features", "prediction", "latency_kll", "late_event_count", "invalid_value_count", "unknown_feature_count", "spool_dropped_count", "created_unix_ms", "agent_version", "private_withheld", "epsilon_spent", "day_epsilon_spent", "clamped_event_count")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +138,10 @@ class WindowReport(_message.Message):
     SPOOL_DROPPED_COUNT_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_WITHHELD_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
+    DAY_EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
+    CLAMPED_EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     model: str
     model_version: str
@@ -119,7 +161,11 @@ class WindowReport(_message.Message):
     spool_dropped_count: int
     created_unix_ms: int
     agent_version: str
-    def __init__(self, device_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., window_start_unix_s: _Optional[int] = ..., window_length_s: _Optional[int] = ..., seq: _Optional[int] = ..., spec_hash: _Optional[str] = ..., event_count: _Optional[int] = ..., error_count: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureHistogram, _Mapping]]] = ..., prediction: _Optional[_Union[Histogram, _Mapping]] = ..., latency_kll: _Optional[bytes] = ..., late_event_count: _Optional[int] = ..., invalid_value_count: _Optional[int] = ..., unknown_feature_count: _Optional[int] = ..., spool_dropped_count: _Optional[int] = ..., created_unix_ms: _Optional[int] = ..., agent_version: _Optional[str] = ...) -> None: ...
+    private_withheld: bool
+    epsilon_spent: float
+    day_epsilon_spent: float
+    clamped_event_count: int
+    def __init__(self, device_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., window_start_unix_s: _Optional[int] = ..., window_length_s: _Optional[int] = ..., seq: _Optional[int] = ..., spec_hash: _Optional[str] = ..., event_count: _Optional[int] = ..., error_count: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureHistogram, _Mapping]]] = ..., prediction: _Optional[_Union[Histogram, _Mapping]] = ..., latency_kll: _Optional[bytes] = ..., late_event_count: _Optional[int] = ..., invalid_value_count: _Optional[int] = ..., unknown_feature_count: _Optional[int] = ..., spool_dropped_count: _Optional[int] = ..., created_unix_ms: _Optional[int] = ..., agent_version: _Optional[str] = ..., private_withheld: _Optional[bool] = ..., epsilon_spent: _Optional[float] = ..., day_epsilon_spent: _Optional[float] = ..., clamped_event_count: _Optional[int] = ...) -> None: ...
 
 class ReportEnvelope(_message.Message):
     __slots__ = ("report", "signature", "key_id")
@@ -132,7 +178,7 @@ class ReportEnvelope(_message.Message):
     def __init__(self, report: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class Summary(_message.Message):
-    __slots__ = ("report_count", "event_count", "error_count", "features", "prediction", "latency_kll", "late_event_count", "invalid_value_count", "unknown_feature_count", "spool_dropped_count")
+    __slots__ = ("report_count", "event_count", "error_count", "features", "prediction", "latency_kll", "late_event_count", "invalid_value_count", "unknown_feature_count", "spool_dropped_count", "noise_variance_per_bin", "withheld_report_count", "histogram_event_count", "clamped_event_count")
     REPORT_COUNT_FIELD_NUMBER: _ClassVar[int]
     EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
     ERROR_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +189,10 @@ class Summary(_message.Message):
     INVALID_VALUE_COUNT_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_FEATURE_COUNT_FIELD_NUMBER: _ClassVar[int]
     SPOOL_DROPPED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    NOISE_VARIANCE_PER_BIN_FIELD_NUMBER: _ClassVar[int]
+    WITHHELD_REPORT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CLAMPED_EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
     report_count: int
     event_count: int
     error_count: int
@@ -153,7 +203,11 @@ class Summary(_message.Message):
     invalid_value_count: int
     unknown_feature_count: int
     spool_dropped_count: int
-    def __init__(self, report_count: _Optional[int] = ..., event_count: _Optional[int] = ..., error_count: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureHistogram, _Mapping]]] = ..., prediction: _Optional[_Union[Histogram, _Mapping]] = ..., latency_kll: _Optional[bytes] = ..., late_event_count: _Optional[int] = ..., invalid_value_count: _Optional[int] = ..., unknown_feature_count: _Optional[int] = ..., spool_dropped_count: _Optional[int] = ...) -> None: ...
+    noise_variance_per_bin: float
+    withheld_report_count: int
+    histogram_event_count: int
+    clamped_event_count: int
+    def __init__(self, report_count: _Optional[int] = ..., event_count: _Optional[int] = ..., error_count: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureHistogram, _Mapping]]] = ..., prediction: _Optional[_Union[Histogram, _Mapping]] = ..., latency_kll: _Optional[bytes] = ..., late_event_count: _Optional[int] = ..., invalid_value_count: _Optional[int] = ..., unknown_feature_count: _Optional[int] = ..., spool_dropped_count: _Optional[int] = ..., noise_variance_per_bin: _Optional[float] = ..., withheld_report_count: _Optional[int] = ..., histogram_event_count: _Optional[int] = ..., clamped_event_count: _Optional[int] = ...) -> None: ...
 
 class ReportResponse(_message.Message):
     __slots__ = ("status", "seq")
@@ -225,7 +279,7 @@ class CohortHealthRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., group_by: _Optional[_Iterable[str]] = ..., start_unix_s: _Optional[int] = ..., end_unix_s: _Optional[int] = ...) -> None: ...
 
 class FeatureDrift(_message.Message):
-    __slots__ = ("name", "count", "psi", "js_distance", "ks", "wasserstein", "wasserstein_norm", "missing_rate")
+    __slots__ = ("name", "count", "psi", "js_distance", "ks", "wasserstein", "wasserstein_norm", "missing_rate", "p_value", "drifting", "insufficient_data", "expected_null_psi")
     NAME_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     PSI_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +288,10 @@ class FeatureDrift(_message.Message):
     WASSERSTEIN_FIELD_NUMBER: _ClassVar[int]
     WASSERSTEIN_NORM_FIELD_NUMBER: _ClassVar[int]
     MISSING_RATE_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    DRIFTING_FIELD_NUMBER: _ClassVar[int]
+    INSUFFICIENT_DATA_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_NULL_PSI_FIELD_NUMBER: _ClassVar[int]
     name: str
     count: int
     psi: float
@@ -242,10 +300,14 @@ class FeatureDrift(_message.Message):
     wasserstein: float
     wasserstein_norm: float
     missing_rate: float
-    def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ..., psi: _Optional[float] = ..., js_distance: _Optional[float] = ..., ks: _Optional[float] = ..., wasserstein: _Optional[float] = ..., wasserstein_norm: _Optional[float] = ..., missing_rate: _Optional[float] = ...) -> None: ...
+    p_value: float
+    drifting: bool
+    insufficient_data: bool
+    expected_null_psi: float
+    def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ..., psi: _Optional[float] = ..., js_distance: _Optional[float] = ..., ks: _Optional[float] = ..., wasserstein: _Optional[float] = ..., wasserstein_norm: _Optional[float] = ..., missing_rate: _Optional[float] = ..., p_value: _Optional[float] = ..., drifting: _Optional[bool] = ..., insufficient_data: _Optional[bool] = ..., expected_null_psi: _Optional[float] = ...) -> None: ...
 
 class CohortHealth(_message.Message):
-    __slots__ = ("cohort", "model", "model_version", "spec_hash", "start_unix_s", "end_unix_s", "devices", "reports", "events", "errors", "error_rate", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "latency_rank_error", "features", "prediction", "late_events", "invalid_values", "unknown_features", "spool_dropped", "reference_latency_p50_ms", "reference_latency_p95_ms", "reference_latency_p99_ms")
+    __slots__ = ("cohort", "model", "model_version", "spec_hash", "start_unix_s", "end_unix_s", "devices", "reports", "events", "errors", "error_rate", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "latency_rank_error", "features", "prediction", "late_events", "invalid_values", "unknown_features", "spool_dropped", "reference_latency_p50_ms", "reference_latency_p95_ms", "reference_latency_p99_ms", "withheld_reports", "histogram_events", "noise_sd_per_bin")
     class CohortEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -277,6 +339,9 @@ class CohortHealth(_message.Message):
     REFERENCE_LATENCY_P50_MS_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_LATENCY_P95_MS_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_LATENCY_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    WITHHELD_REPORTS_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    NOISE_SD_PER_BIN_FIELD_NUMBER: _ClassVar[int]
     cohort: _containers.ScalarMap[str, str]
     model: str
     model_version: str
@@ -301,7 +366,10 @@ class CohortHealth(_message.Message):
     reference_latency_p50_ms: float
     reference_latency_p95_ms: float
     reference_latency_p99_ms: float
-    def __init__(self, cohort: _Optional[_Mapping[str, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., spec_hash: _Optional[str] = ..., start_unix_s: _Optional[int] = ..., end_unix_s: _Optional[int] = ..., devices: _Optional[int] = ..., reports: _Optional[int] = ..., events: _Optional[int] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., latency_rank_error: _Optional[float] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., prediction: _Optional[_Union[FeatureDrift, _Mapping]] = ..., late_events: _Optional[int] = ..., invalid_values: _Optional[int] = ..., unknown_features: _Optional[int] = ..., spool_dropped: _Optional[int] = ..., reference_latency_p50_ms: _Optional[float] = ..., reference_latency_p95_ms: _Optional[float] = ..., reference_latency_p99_ms: _Optional[float] = ...) -> None: ...
+    withheld_reports: int
+    histogram_events: int
+    noise_sd_per_bin: float
+    def __init__(self, cohort: _Optional[_Mapping[str, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., spec_hash: _Optional[str] = ..., start_unix_s: _Optional[int] = ..., end_unix_s: _Optional[int] = ..., devices: _Optional[int] = ..., reports: _Optional[int] = ..., events: _Optional[int] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., latency_rank_error: _Optional[float] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., prediction: _Optional[_Union[FeatureDrift, _Mapping]] = ..., late_events: _Optional[int] = ..., invalid_values: _Optional[int] = ..., unknown_features: _Optional[int] = ..., spool_dropped: _Optional[int] = ..., reference_latency_p50_ms: _Optional[float] = ..., reference_latency_p95_ms: _Optional[float] = ..., reference_latency_p99_ms: _Optional[float] = ..., withheld_reports: _Optional[int] = ..., histogram_events: _Optional[int] = ..., noise_sd_per_bin: _Optional[float] = ...) -> None: ...
 
 class CohortHealthResponse(_message.Message):
     __slots__ = ("cohorts",)
@@ -336,3 +404,58 @@ class ListCohortsResponse(_message.Message):
     label_sets: _containers.RepeatedScalarFieldContainer[str]
     keys: _containers.RepeatedCompositeFieldContainer[LabelValues]
     def __init__(self, label_sets: _Optional[_Iterable[str]] = ..., keys: _Optional[_Iterable[_Union[LabelValues, _Mapping]]] = ...) -> None: ...
+
+class CohortPrivacy(_message.Message):
+    __slots__ = ("cohort", "model", "model_version", "spec_hash", "start_unix_s", "end_unix_s", "unit", "mechanism", "epsilon_per_window", "delta", "daily_epsilon_budget", "noise_sd_per_bin", "devices", "devices_withholding", "reports", "reports_withheld", "max_day_epsilon_spent", "mean_day_epsilon_spent", "per_event_epsilon")
+    class CohortEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    COHORT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SPEC_HASH_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    MECHANISM_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_PER_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    DAILY_EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    NOISE_SD_PER_BIN_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_WITHHOLDING_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_WITHHELD_FIELD_NUMBER: _ClassVar[int]
+    MAX_DAY_EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_DAY_EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
+    PER_EVENT_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    cohort: _containers.ScalarMap[str, str]
+    model: str
+    model_version: str
+    spec_hash: str
+    start_unix_s: int
+    end_unix_s: int
+    unit: str
+    mechanism: str
+    epsilon_per_window: float
+    delta: float
+    daily_epsilon_budget: float
+    noise_sd_per_bin: float
+    devices: int
+    devices_withholding: int
+    reports: int
+    reports_withheld: int
+    max_day_epsilon_spent: float
+    mean_day_epsilon_spent: float
+    per_event_epsilon: float
+    def __init__(self, cohort: _Optional[_Mapping[str, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., spec_hash: _Optional[str] = ..., start_unix_s: _Optional[int] = ..., end_unix_s: _Optional[int] = ..., unit: _Optional[str] = ..., mechanism: _Optional[str] = ..., epsilon_per_window: _Optional[float] = ..., delta: _Optional[float] = ..., daily_epsilon_budget: _Optional[float] = ..., noise_sd_per_bin: _Optional[float] = ..., devices: _Optional[int] = ..., devices_withholding: _Optional[int] = ..., reports: _Optional[int] = ..., reports_withheld: _Optional[int] = ..., max_day_epsilon_spent: _Optional[float] = ..., mean_day_epsilon_spent: _Optional[float] = ..., per_event_epsilon: _Optional[float] = ...) -> None: ...
+
+class CohortPrivacyResponse(_message.Message):
+    __slots__ = ("cohorts",)
+    COHORTS_FIELD_NUMBER: _ClassVar[int]
+    cohorts: _containers.RepeatedCompositeFieldContainer[CohortPrivacy]
+    def __init__(self, cohorts: _Optional[_Iterable[_Union[CohortPrivacy, _Mapping]]] = ...) -> None: ...

@@ -281,6 +281,11 @@ class QueryStub:
                 request_serializer=protos_dot_fleetwatch__pb2.ListCohortsRequest.SerializeToString,
                 response_deserializer=protos_dot_fleetwatch__pb2.ListCohortsResponse.FromString,
                 _registered_method=True)
+        self.CohortPrivacy = channel.unary_unary(
+                '/fleetwatch.v1.Query/CohortPrivacy',
+                request_serializer=protos_dot_fleetwatch__pb2.CohortHealthRequest.SerializeToString,
+                response_deserializer=protos_dot_fleetwatch__pb2.CohortPrivacyResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServicer:
@@ -299,6 +304,13 @@ class QueryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CohortPrivacy(self, request, context):
+        """Privacy state per cohort: budget spend and withholding devices. Takes the same request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -311,6 +323,11 @@ def add_QueryServicer_to_server(servicer, server):
                     servicer.ListCohorts,
                     request_deserializer=protos_dot_fleetwatch__pb2.ListCohortsRequest.FromString,
                     response_serializer=protos_dot_fleetwatch__pb2.ListCohortsResponse.SerializeToString,
+            ),
+            'CohortPrivacy': grpc.unary_unary_rpc_method_handler(
+                    servicer.CohortPrivacy,
+                    request_deserializer=protos_dot_fleetwatch__pb2.CohortHealthRequest.FromString,
+                    response_serializer=protos_dot_fleetwatch__pb2.CohortPrivacyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -368,6 +385,33 @@ class Query:
             '/fleetwatch.v1.Query/ListCohorts',
             protos_dot_fleetwatch__pb2.ListCohortsRequest.SerializeToString,
             protos_dot_fleetwatch__pb2.ListCohortsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CohortPrivacy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetwatch.v1.Query/CohortPrivacy',
+            protos_dot_fleetwatch__pb2.CohortHealthRequest.SerializeToString,
+            protos_dot_fleetwatch__pb2.CohortPrivacyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,7 +11,7 @@ from agent.spec import Spec
 from agent.summary import Summary
 from agent.wire import ReportMeta
 
-__all__ = ["IngestOutcome", "LabelSet", "Store", "canonical_labels", "parse_labels",
+__all__ = ["IngestOutcome", "LabelSet", "PrivacyStats", "Store", "canonical_labels", "parse_labels",
            "rollup_resolutions", "time_cover"]
 
 DAY_S = 86400
@@ -21,6 +21,16 @@ HOUR_S = 3600
 class IngestOutcome(enum.Enum):
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True)
+class PrivacyStats:
+    devices: int
+    devices_withholding: int
+    reports: int
+    reports_withheld: int
+    max_day_epsilon: float
+    mean_day_epsilon: float      # mean over devices of each device's largest daily spend
 
 
 @dataclass(frozen=True)
@@ -101,5 +111,8 @@ class Store(Protocol):
 
     def device_count(self, spec_hash: str, label_set_ids: Iterable[int], start: int,
                      end: int) -> int: ...
+
+    def privacy_stats(self, spec_hash: str, label_set_ids: Iterable[int], start: int,
+                      end: int) -> PrivacyStats: ...
 
     def close(self) -> None: ...

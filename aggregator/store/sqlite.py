@@ -16,7 +16,13 @@ from collections.abc import Iterable
 from agent.spec import Spec
 from agent.summary import Summary
 from agent.wire import ReportMeta, summary_from_proto, summary_to_proto
-from aggregator.store.base import IngestOutcome, LabelSet, canonical_labels, parse_labels
+from aggregator.store.base import (
+    IngestOutcome,
+    LabelSet,
+    PrivacyStats,
+    canonical_labels,
+    parse_labels,
+)
 from protos import fleetwatch_pb2 as pb
 
 __all__ = ["SqliteStore"]
@@ -51,6 +57,9 @@ CREATE TABLE IF NOT EXISTS reports (
     label_set INTEGER NOT NULL,
     window_start INTEGER NOT NULL,
     received_ms INTEGER NOT NULL,
+    withheld INTEGER NOT NULL DEFAULT 0,
+    epsilon REAL NOT NULL DEFAULT 0,
+    day_epsilon REAL NOT NULL DEFAULT 0,
     envelope BLOB NOT NULL,
     PRIMARY KEY (device_id, seq)
 );
@@ -166,9 +175,11 @@ class SqliteStore:
                 lid = self._label_set_id(cur, dict(meta.labels))
                 cur.execute(
                     "INSERT INTO reports (device_id, seq, spec_hash, label_set, "
-                    "window_start, received_ms, envelope) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "window_start, received_ms, withheld, epsilon, day_epsilon, envelope) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (meta.device_id, meta.seq, meta.spec_hash, lid, meta.window_start_unix_s,
-                     int(time.time() * 1000), envelope))
+                     int(time.time() * 1000), int(meta.private_withheld), meta.epsilon_spent,
+                     meta.day_epsilon_spent, envelope))
                 cur.execute("INSERT OR IGNORE INTO spec_label_sets VALUES (?, ?)",
                             (meta.spec_hash, lid))
                 for res in resolutions:
@@ -235,6 +246,22 @@ class SqliteStore:
             f"AND window_start >= ? AND window_start < ? AND label_set IN ({marks})",
             (spec_hash, start, end, *ids)).fetchone()
         return int(row[0])
+
+    def privacy_stats(self, spec_hash: str, label_set_ids: Iterable[int], start: int,
+                      end: int) -> PrivacyStats:
+        ids = sorted(set(label_set_ids))
+        if not ids:
+            return PrivacyStats(0, 0, 0, 0, 0.0, 0.0)
+        marks = ",".join("?" * len(ids))
+        row = self._reader().execute(
+            f"SELECT COUNT(*), COUNT(CASE WHEN w > 0 THEN 1 END), COALESCE(SUM(n), 0), "
+            f"COALESCE(SUM(w), 0), COALESCE(MAX(d), 0), COALESCE(AVG(d), 0) FROM ("
+            f"SELECT device_id, COUNT(*) AS n, SUM(withheld) AS w, MAX(day_epsilon) AS d "
+            f"FROM reports WHERE spec_hash = ? AND window_start >= ? AND window_start < ? "
+            f"AND label_set IN ({marks}) GROUP BY device_id)",
+            (spec_hash, start, end, *ids)).fetchone()
+        return PrivacyStats(int(row[0]), int(row[1]), int(row[2]), int(row[3]),
+                            float(row[4]), float(row[5]))
 
     def close(self) -> None:
         with self._write_lock:

@@ -125,9 +125,11 @@ def test_workflow_baseline_push_observe_health(tmp_path: Path, server,
     spec_path = tmp_path / "spec.json"
     assert main(["baseline", "build", "--data", str(data), "--model", "cam",
                  "--model-version", "2", "--prediction-col", "score", "--latency-col",
-                 "latency_ms", "--bins", "8", "--out", str(spec_path)]) == 0
+                 "latency_ms", "--bins", "8", "--mechanism", "none",
+                 "--out", str(spec_path)]) == 0
     spec = Spec.load(spec_path)
     assert spec.feature_names == ("speed", "scene") and spec.prediction is not None
+    assert spec.privacy.mechanism == "none"  # exact counts here; test_privacy_cli adds noise
     assert main(["spec", "push", "--aggregator", target, str(spec_path)]) == 0
     assert "registered" in capsys.readouterr().out
     assert main(["spec", "push", "--aggregator", target, str(spec_path)]) == 0
@@ -141,7 +143,8 @@ def test_workflow_baseline_push_observe_health(tmp_path: Path, server,
                      spool_dir=tmp_path / region, clock=lambda t=t: t[0],
                      background=False) as mon:
             for i in range(n):
-                mon.observe({"speed": rng.normal(50 + shift, 10), "scene": "day"},
+                mon.observe({"speed": rng.normal(50 + shift, 10),
+                             "scene": str(rng.choice(["day", "night"]))},
                             prediction=rng.random(), latency_ms=20.0, error=i % 100 == 0)
                 t[0] += 1.0
             assert mon.flush()
@@ -158,9 +161,12 @@ def test_workflow_baseline_push_observe_health(tmp_path: Path, server,
         assert [f["name"] for f in c["features"]] == ["speed", "scene"]
         assert c["prediction"]["name"] == "score"
         assert c["schema"] == 1 and c["spec_hash"] == spec.hash
-    speed = {c["cohort"]["region"]: c["features"][0]["psi"] for c in cohorts}
-    assert speed["eu"] < 0.1 < 0.25 < speed["us"]
+    speed = {c["cohort"]["region"]: c["features"][0] for c in cohorts}
+    assert speed["eu"]["psi"] < 0.1 < 0.25 < speed["us"]["psi"]
+    assert speed["us"]["drifting"] and speed["us"]["p_value"] < 0.01
+    assert not speed["eu"]["drifting"]
     assert any(s.startswith("drift:speed") for s in cohorts[1]["status"])
+    assert not any(s.startswith("drift") for s in cohorts[0]["status"])
 
     assert main(["health", "--aggregator", target, "--model", "cam", "--cohort", "region=us",
                  "--since", "1h"]) == 0
@@ -173,3 +179,44 @@ def test_workflow_baseline_push_observe_health(tmp_path: Path, server,
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
+
+
+def test_privacy_cli(tmp_path: Path, server, capsys: pytest.CaptureFixture[str]) -> None:
+    """A device-day spec with a small daily budget: the device starts withholding, and
+    `fleetwatch privacy` shows it with its spend."""
+    target, _ = server
+    data = tmp_path / "train.csv"
+    rng = np.random.default_rng(5)
+    data.write_text("x,score\n" + "".join(f"{rng.normal()},{rng.random()}\n"
+                                          for _ in range(500)))
+    spec_path = tmp_path / "spec.json"
+    assert main(["baseline", "build", "--data", str(data), "--model", "p", "--model-version",
+                 "1", "--prediction-col", "score", "--unit", "device-day", "--epsilon", "0.5",
+                 "--daily-budget", "1.0", "--max-events-per-window", "20",
+                 "--out", str(spec_path)]) == 0
+    assert main(["spec", "push", "--aggregator", target, str(spec_path)]) == 0
+    capsys.readouterr()
+    now = int(time.time()) // 60 * 60
+    t = [now - 300.0]
+    with Monitor("p", "1", "dev-1", {"region": "eu"}, aggregator=target,
+                 spool_dir=tmp_path / "spool", clock=lambda: t[0], background=False) as mon:
+        for _ in range(4):  # 4 windows at epsilon 0.5 against a daily budget of 1.0
+            for _ in range(30):
+                mon.observe({"x": rng.normal()}, prediction=rng.random(), latency_ms=5.0)
+            t[0] += 60
+        assert mon.flush()
+    assert main(["privacy", "--aggregator", target, "--model", "p", "--by", "region",
+                 "--json"]) == 0
+    [c] = json.loads(capsys.readouterr().out)
+    assert c["cohort"] == {"region": "eu"} and c["unit"] == "device-day"
+    assert (c["devices"], c["devices_withholding"]) == (1, 1)
+    assert (c["reports"], c["reports_withheld"]) == (4, 2)
+    assert c["max_day_epsilon_spent"] == pytest.approx(1.0)
+    assert c["noise_sd_per_bin"] > 0
+    assert main(["privacy", "--aggregator", target, "--model", "p"]) == 0
+    out = capsys.readouterr().out
+    assert "device-day" in out and "withholding" in out
+    assert main(["health", "--aggregator", target, "--model", "p", "--json"]) == 0
+    [h] = json.loads(capsys.readouterr().out)
+    assert h["events"] == 120 and h["withheld_reports"] == 2
+    assert h["histogram_events"] == 40  # 2 released windows, clamped to 20 events each

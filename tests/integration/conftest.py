@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from datasketches import kll_floats_sketch
 
-from agent.spec import CATEGORICAL, NUMERIC, FeatureSpec, Spec
+from agent.spec import CATEGORICAL, NO_NOISE, NUMERIC, FeatureSpec, PrivacySpec, Spec
 from agent.wire import spec_to_proto
 from aggregator.server import AggregatorConfig, RunningAggregator, serve
 from protos import fleetwatch_pb2 as pb
@@ -54,6 +54,8 @@ def make_spec(model: str = "detector", model_version: str = "1") -> Spec:
         latency_reference_kll=reference_latency.serialize(),
         window_length_s=WINDOW_S,
         reference_rows=1000,
+        # Exact counts: these tests check merging to the count; the DP tests add noise.
+        privacy=PrivacySpec(mechanism=NO_NOISE),
     )
 
 
