@@ -141,32 +141,27 @@ def _health_request(ns: argparse.Namespace) -> pb.CohortHealthRequest:
                                   start_unix_s=start, end_unix_s=end)
 
 
-def cmd_health(ns: argparse.Namespace) -> int:
+def _cohort_query(ns: argparse.Namespace, what: str, method: str,
+                  to_json: Callable[[list], object], to_table: Callable[..., str]) -> int:
+    """Ask a per-cohort Query method and print its answer as JSON or a table."""
     request = _health_request(ns)
     with _channel(ns.aggregator) as channel:
-        stub = pb_grpc.QueryStub(channel)
-        resp = _rpc("health", lambda: stub.CohortHealth(request, timeout=ns.timeout),
-                    ns.aggregator)
+        call = getattr(pb_grpc.QueryStub(channel), method)
+        resp = _rpc(what, lambda: call(request, timeout=ns.timeout), ns.aggregator)
     cohorts = list(resp.cohorts)  # type: ignore[attr-defined]
     if ns.json:
-        print(json.dumps(health_json(cohorts), indent=2))
+        print(json.dumps(to_json(cohorts), indent=2))
     else:
-        print(health_tables(cohorts, color=use_color()))
+        print(to_table(cohorts, color=use_color()))
     return 0
+
+
+def cmd_health(ns: argparse.Namespace) -> int:
+    return _cohort_query(ns, "health", "CohortHealth", health_json, health_tables)
 
 
 def cmd_privacy(ns: argparse.Namespace) -> int:
-    request = _health_request(ns)
-    with _channel(ns.aggregator) as channel:
-        stub = pb_grpc.QueryStub(channel)
-        resp = _rpc("privacy", lambda: stub.CohortPrivacy(request, timeout=ns.timeout),
-                    ns.aggregator)
-    cohorts = list(resp.cohorts)  # type: ignore[attr-defined]
-    if ns.json:
-        print(json.dumps(privacy_json(cohorts), indent=2))
-    else:
-        print(privacy_table(cohorts, color=use_color()))
-    return 0
+    return _cohort_query(ns, "privacy", "CohortPrivacy", privacy_json, privacy_table)
 
 
 def cmd_cohorts(ns: argparse.Namespace) -> int:
