@@ -66,6 +66,9 @@ class MonitorStats:
     internal_errors: int
     spool: SpoolStats
     last_delivery_error: str | None
+    # Under a noisy spec these input-derived counters are not reported: they are kept here.
+    invalid_values_kept_local: int = 0
+    unknown_features_kept_local: int = 0
 
 
 def _default_spool_dir(device_id: str) -> pathlib.Path:
@@ -183,6 +186,8 @@ class Monitor:
         self._events_without_spec = 0
         self._windows_closed = 0
         self._internal_errors = 0
+        self._invalid_kept = 0   # counters a noisy spec keeps off the wire
+        self._unknown_kept = 0
         self._closed_flag = False
 
         self.spec: Spec | None = None
@@ -348,6 +353,12 @@ class Monitor:
             plan = self._plans[acc.spec.hash] = noise_plan(acc.spec)
         if plan is None:
             return None
+        # Invalid values and unknown feature names are counted from the model's inputs: exact
+        # counts of them would leak what the noise protects. They stay on the device
+        # (MonitorStats) under a noisy spec.
+        self._invalid_kept += summary.invalid_value_count
+        self._unknown_kept += summary.unknown_feature_count
+        summary.invalid_value_count = summary.unknown_feature_count = 0
         if acc.spec.privacy.unit == DEVICE_DAY:
             clamp_summary(summary, acc.spec.privacy.max_events_per_window, self._clamp_rng)
         release = PrivacyAccountant(self.spool, acc.spec, plan).reserve(acc.start_unix_s)
@@ -413,7 +424,8 @@ class Monitor:
 
     def stats(self) -> MonitorStats:
         return MonitorStats(self._events, self._events_without_spec, self._windows_closed,
-                            self._internal_errors, self.spool.stats(), self._uploader.last_error)
+                            self._internal_errors, self.spool.stats(), self._uploader.last_error,
+                            self._invalid_kept, self._unknown_kept)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Flush, stop the background thread and release the spool. Idempotent."""

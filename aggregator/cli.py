@@ -221,6 +221,15 @@ def cmd_spec_show(ns: argparse.Namespace) -> int:
     spec = Spec.load(ns.spec)
     print(f"model {spec.model} version {spec.model_version}, window {spec.window_length_s} s, "
           f"{spec.reference_rows} reference rows, hash {spec.hash}")
+    pv = spec.privacy
+    if pv.noisy:
+        extra = (f", delta {pv.delta:g}" if pv.delta else "") + (
+            f", daily budget {pv.daily_epsilon_budget:g}, at most {pv.max_events_per_window} "
+            "events per window" if pv.unit == "device-day" else "")
+        print(f"privacy: {pv.mechanism}, unit {pv.unit}, epsilon {pv.epsilon_per_window:g} per "
+              f"window{extra}")
+    else:
+        print("privacy: none (histograms are sent exactly: NOT private)")
     rows = [[f.name, f.type, str(len(f.edges) - 1 if f.edges else len(f.vocabulary)),
              (f"{f.edges[0]:.4g} .. {f.edges[-1]:.4g}" if f.edges
               else ", ".join(f.vocabulary[:5]) + (" ..." if len(f.vocabulary) > 5 else ""))]

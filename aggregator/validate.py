@@ -143,6 +143,10 @@ def validate_report(msg: pb.WindowReport, spec: Spec, limits: Limits = Limits(),
         raise _fail("clamped_event_count", "more clamped events than events")
     if plan is None and msg.clamped_event_count:
         raise _fail("clamped_event_count", "the spec does not clamp")
+    if plan is not None and (msg.invalid_value_count or msg.unknown_feature_count):
+        # Exact counts derived from the inputs would undo the noise: agents never send them.
+        raise _fail("invalid_value_count", "a noisy spec keeps input-derived counters on the "
+                    "device")
     if len(msg.latency_kll) > limits.max_sketch_bytes:
         raise _fail("latency_kll", f"{len(msg.latency_kll)} bytes is over the limit of "
                     f"{limits.max_sketch_bytes}")

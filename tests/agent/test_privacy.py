@@ -277,3 +277,17 @@ def test_monitor_noise_comes_from_the_secure_source_by_default(tmp_path) -> None
     [report] = _reports(mon.spool)
     assert report.epsilon_spent == 1.0 and not report.private_withheld
     mon.close(timeout_s=0.5)
+
+
+def test_input_derived_counters_stay_on_the_device_under_noise(tmp_path) -> None:
+    spec = _spec(PrivacySpec())
+    mon = Monitor("m", "1", "dev", aggregator=NOWHERE, spool_dir=tmp_path, clock=lambda: 1e9,
+                  spec=spec, background=False, rpc_timeout_s=0.5, noise_rng=SeededRandom(2))
+    mon.observe({"f0": "not a number", "f1": float("inf"), "bogus": 1.0}, prediction=0.1)
+    mon.flush(timeout_s=0.5)
+    [report] = _reports(mon.spool)
+    # Exact counts of invalid values and unknown names would leak what the noise protects.
+    assert report.invalid_value_count == 0 and report.unknown_feature_count == 0
+    stats = mon.stats()
+    assert (stats.invalid_values_kept_local, stats.unknown_features_kept_local) == (2, 1)
+    mon.close(timeout_s=0.5)

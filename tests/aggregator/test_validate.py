@@ -126,3 +126,11 @@ def test_clamped_events_are_checked() -> None:
     msg.clamped_event_count = 1
     with pytest.raises(ValidationError, match="clamped_event_count"):
         validate_report(msg, exact, now=NOW)
+
+
+def test_noisy_specs_refuse_exact_input_counters() -> None:
+    spec = _spec()
+    msg = _report(spec, [0, 5, 5, 0, 0], [0, 10, 0, 0], 10)
+    msg.invalid_value_count = 3
+    with pytest.raises(ValidationError, match="invalid_value_count"):
+        validate_report(msg, spec, now=NOW)
