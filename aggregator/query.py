@@ -40,7 +40,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_RANGE_S = 3600
 PSI_THRESHOLD = 0.1   # a feature drifts when its PSI passes this and is significant
-ALPHA = 0.01
+# False-flag rate per cohort and evaluation, over all its signals (Bonferroni): health is
+# asked again and again (every minute, per cohort), so a per-signal 1% would cry wolf daily.
+ALPHA_FAMILY = 0.001
 NONE_VALUE = ""  # group value for label sets that lack the group key
 
 
@@ -134,14 +136,15 @@ _DEFAULT_SIGNIFICANCE = SignificanceCache()
 
 
 def _feature_health(feature: FeatureSpec, counts: np.ndarray, merged: Summary,
-                    cache: SignificanceCache) -> FeatureHealth:
+                    cache: SignificanceCache, alpha: float) -> FeatureHealth:
     scores = feature_drift(feature, suppress_noise(counts, merged.noise_variance_per_bin,
                                                    feature.reference_counts))
     # The events the histograms cover, not the clamped noisy sum (which overstates it).
     count = merged.histogram_event_count or scores.count
-    sig = cache.significance(feature, scores, count, merged.noise_variance_per_bin)
+    sig = cache.significance(feature, scores, count, merged.noise_variance_per_bin,
+                             min_p=alpha / 2)
     return FeatureHealth(feature.name, scores, sig,
-                         drifting=is_drifting(scores, sig, PSI_THRESHOLD, ALPHA),
+                         drifting=is_drifting(scores, sig, PSI_THRESHOLD, alpha),
                          insufficient_data=insufficient_data(sig.expected_null_psi,
                                                              PSI_THRESHOLD))
 
@@ -158,6 +161,7 @@ def cohort_health(store: Store, model: str, model_version: str = "",
     cover = time_cover(lo, hi, rollup_resolutions(spec.window_length_s))
     groups = _select(store, spec, selector, group_by)
     reference_latency = _reference_latency(spec)
+    alpha = ALPHA_FAMILY / max(1, spec.private_histograms)  # per signal
     out = []
     for key in sorted(groups):
         members = groups[key]
@@ -187,10 +191,10 @@ def cohort_health(store: Store, model: str, model_version: str = "",
             latency_p99_ms=p99,
             latency_rank_error=merged.latency.normalized_rank_error(False)
             if not merged.latency.is_empty() else 0.0,
-            features=tuple(_feature_health(f, merged.features[f.name], merged, significance)
-                           for f in spec.features),
+            features=tuple(_feature_health(f, merged.features[f.name], merged, significance,
+                                           alpha) for f in spec.features),
             prediction=(_feature_health(spec.prediction, merged.prediction, merged,
-                                        significance)
+                                        significance, alpha)
                         if spec.prediction is not None and merged.prediction is not None
                         else None),
             late_events=merged.late_event_count,

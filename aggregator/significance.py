@@ -476,6 +476,9 @@ class SignificanceCache:
         self.hits = 0
         self.misses = 0
         self._entries: OrderedDict[tuple[str, str, int, int], _Entry] = OrderedDict()
+        # PSI-only nulls with many more draws, made only for scores beyond the small null
+        # (to resolve p-values down to a multiple-testing-corrected alpha).
+        self._fine: OrderedDict[tuple[str, str, int, int, int], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -507,9 +510,34 @@ class SignificanceCache:
                 self._entries.popitem(last=False)
         return entry
 
+    def _fine_psi(self, feature: FeatureSpec, count: int, variance: float,
+                  samples: int) -> np.ndarray:
+        digest = _feature_digest(feature)
+        kc, kv = count_bucket(count), noise_bucket(variance)
+        key = (feature.name, digest, kc, kv, samples)
+        with self._lock:
+            null = self._fine.get(key)
+            if null is not None:
+                self._fine.move_to_end(key)
+                return null
+        model = NullModel.for_feature(feature, _count_representative(kc),
+                                      _noise_representative(kv))
+        seed = [self.seed, int(digest[:16], 16), kc, kv, samples]
+        null = simulate_null(model, samples, seed, resample_reference=self.resample_reference,
+                             noise=self.noise, scores="psi").psi
+        with self._lock:
+            self._fine[key] = null
+            while len(self._fine) > max(16, self.max_entries // 100):  # each is large
+                self._fine.popitem(last=False)
+        return null
+
     def significance(self, feature: FeatureSpec, scores: DriftScores, count: int,
-                     noise_variance_per_bin: float) -> Significance:
+                     noise_variance_per_bin: float, min_p: float | None = None
+                     ) -> Significance:
         """p-values of `scores` (from `feature_drift`) for a cohort of `count` events.
+
+        `min_p`: the smallest PSI p-value the caller needs to tell apart (e.g. a Bonferroni-
+        corrected alpha); a score beyond the small null gets a finer, PSI-only null.
 
         `count`: the number of events the histograms cover if known, else the clamped sum of
         the noisy counts (`scores.count`; it overstates T by about sqrt(V/2 pi) per near-empty
@@ -523,6 +551,11 @@ class SignificanceCache:
         entry = self._entry(feature, int(count), v)
         null = entry.null
         p_psi = p_value(null.psi, scores.psi)
+        if min_p is not None and 0 < min_p < p_psi <= 2.0 / (null.psi.size + 1):
+            # Beyond (almost) every draw of the small null: resolve the PSI p-value further,
+            # with enough draws for p-values down to min_p.
+            samples = min(int(math.ceil(2.0 / min_p)), 1_000_000)
+            p_psi = p_value(self._fine_psi(feature, int(count), v, samples), scores.psi)
         return Significance(
             p_psi=p_psi,
             p_js=p_value(null.js, scores.js_distance),
