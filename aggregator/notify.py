@@ -16,7 +16,8 @@ bounded queue (full: the oldest payload is dropped and counted) and its own work
 dead or slow receiver delays nobody, not even the other receivers. A worker POSTs with a
 per-request timeout and retries connection errors, timeouts and 5xx with exponential backoff;
 any other answer (4xx, 3xx: redirects are not followed) is final. Outcomes are counted per URL
-(`stats()`) and failures logged. URLs are shown only redacted (no userinfo, no query string),
+(`stats()`) and failures logged (the 1st, 2nd, 4th, 8th, ... of a streak, so a dead receiver
+does not flood the log). URLs are shown only redacted (no userinfo, no query string),
 in logs and in `stats()` keys; ``user:password@`` becomes an ``Authorization: Basic`` header.
 """
 
@@ -464,6 +465,7 @@ class WebhookNotifier:
     # -- the worker's side ---------------------------------------------------------------------
 
     def _run(self, ep: _Endpoint) -> None:
+        streak = 0  # consecutive failed deliveries: logged at 1, 2, 4, 8, ... not each one
         while True:
             with ep.cond:
                 while not ep.queue and not self._closing:
@@ -472,23 +474,33 @@ class WebhookNotifier:
                     return
                 body = ep.queue.popleft()
             try:
-                ok = self._deliver(ep, body)
-            except Exception:  # a bug here must not kill the worker
+                error = self._deliver(ep, body)
+            except Exception as e:  # a bug here must not kill the worker
                 logger.exception("webhook %s: delivery crashed", ep.name)
-                ok = False
+                error = f"crashed: {type(e).__name__}"
             with ep.cond:
-                if ok:
+                if error is None:
                     ep.delivered += 1
                 else:
                     ep.failed += 1
+            if error is None:
+                if streak:
+                    logger.info("webhook %s: delivering again after %d failed deliveries",
+                                ep.name, streak)
+                streak = 0
+                continue
+            streak += 1
+            level = logging.WARNING if streak & (streak - 1) == 0 else logging.DEBUG
+            logger.log(level, "webhook %s: delivery failed (%s); %d failed in a row", ep.name,
+                       error, streak)
 
-    def _deliver(self, ep: _Endpoint, body: bytes) -> bool:
+    def _deliver(self, ep: _Endpoint, body: bytes) -> str | None:
+        """POST one payload, retrying what may pass later; None if delivered, else why not."""
         reason = ""
         for attempt in range(self._retries + 1):
             if attempt:
                 if self._abort.wait(self._backoff_s * 2 ** (attempt - 1)):
-                    logger.warning("webhook %s: closed while retrying (%s)", ep.name, reason)
-                    return False
+                    return f"closed while retrying after {reason}"
                 with ep.cond:
                     ep.retried += 1
             request = urllib.request.Request(ep.url, data=body, headers=ep.headers,
@@ -496,18 +508,14 @@ class WebhookNotifier:
             try:
                 with self._opener.open(request, timeout=self._timeout_s) as response:
                     response.read(_MAX_RESPONSE_BYTES)
-                return True
+                return None
             except urllib.error.HTTPError as e:
                 e.close()
                 if not 500 <= e.code < 600:
-                    logger.warning("webhook %s: refused with HTTP %d %s; not retried",
-                                   ep.name, e.code, e.reason)
-                    return False
+                    return f"refused with HTTP {e.code} {e.reason}, not retried"
                 reason = f"HTTP {e.code} {e.reason}"
             except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets
                 cause = e.reason if isinstance(e, urllib.error.URLError) else e
                 reason = f"{type(cause).__name__}: {cause}"
             logger.debug("webhook %s: attempt %d failed: %s", ep.name, attempt + 1, reason)
-        logger.warning("webhook %s: giving up after %d attempts: %s", ep.name,
-                       self._retries + 1, reason)
-        return False
+        return f"gave up after {self._retries + 1} attempts, last: {reason}"
