@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.errors import ConfigError
+
 __all__ = [
     "DEFAULT_BURN_WINDOWS",
     "DEFAULT_PERIOD_S",
@@ -66,8 +68,12 @@ def compare(op: str, value: float, threshold: float) -> bool:
     raise ValueError(f"unknown comparison operator {op!r}")
 
 
-class RuleError(ValueError):
-    """A rule file that cannot be used; names the file, line, rule and key when known."""
+class RuleError(ConfigError):
+    """A rule file that cannot be used (a ``ConfigError``, so a ``ValueError``).
+
+    Names the file, line, rule and key when known: ``.source``, ``.line``, ``.rule``, ``.key``,
+    and ``.reason`` (the message without the location).
+    """
 
     def __init__(self, reason: str, *, source: str = "<rules>", line: int | None = None,
                  rule: str | None = None, key: str | None = None) -> None:
