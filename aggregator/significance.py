@@ -325,6 +325,36 @@ def simulate_null(model: NullModel, samples: int = 400, seed: int | Sequence[int
     return NullSamples(null_psi, null_js, null_ks, null_w)
 
 
+FINE_SAMPLES = 20_000   # draws of the PSI-only null made for scores beyond the small one
+TAIL_FRACTION = 0.01    # the top share of those draws the exponential tail is fitted to
+
+
+def tail_p_value(null_sorted: np.ndarray, observed: float) -> float:
+    """p-value of `observed` against a sorted null, extrapolated past its top percent.
+
+    Up to the null's (1 - TAIL_FRACTION) quantile u this is the empirical p-value. Beyond u
+    it is q * exp(-(x - u) / s), q the share of draws above u and s their mean excess: the
+    peaks-over-threshold estimate with an exponential tail. PSI under no drift is close to a
+    weighted sum of chi-squares, whose tail is exponential times a power that makes it
+    lighter than the exponential fitted further in, so the estimate errs on the side of
+    larger p-values (fewer false flags).
+    """
+    n = int(null_sorted.size)
+    finite = null_sorted[np.isfinite(null_sorted)]
+    k = max(10, int(math.ceil(TAIL_FRACTION * n)))
+    if math.isnan(observed) or finite.size <= k:
+        return p_value(null_sorted, observed)
+    u = float(finite[-k - 1])
+    if observed <= u:
+        return p_value(null_sorted, observed)
+    excess = finite[-k:] - u
+    scale = float(excess.mean())
+    q = (k + (n - finite.size)) / (n + 1)  # draws above u, empty-histogram draws included
+    if scale <= 0:
+        return q if observed <= float(finite[-1]) else 1.0 / (n + 1)
+    return max(q * math.exp(-(observed - u) / scale), 1e-300)
+
+
 def p_value(null_sorted: np.ndarray | None, observed: float) -> float:
     """(1 + #{null >= observed}) / (1 + S) on sorted null samples; NaN if not applicable.
 
@@ -537,7 +567,8 @@ class SignificanceCache:
         """p-values of `scores` (from `feature_drift`) for a cohort of `count` events.
 
         `min_p`: the smallest PSI p-value the caller needs to tell apart (e.g. a Bonferroni-
-        corrected alpha); a score beyond the small null gets a finer, PSI-only null.
+        corrected alpha); a score beyond the small null gets a larger, PSI-only null with an
+        exponential tail (`tail_p_value`).
 
         `count`: the number of events the histograms cover if known, else the clamped sum of
         the noisy counts (`scores.count`; it overstates T by about sqrt(V/2 pi) per near-empty
@@ -552,10 +583,10 @@ class SignificanceCache:
         null = entry.null
         p_psi = p_value(null.psi, scores.psi)
         if min_p is not None and 0 < min_p < p_psi <= 2.0 / (null.psi.size + 1):
-            # Beyond (almost) every draw of the small null: resolve the PSI p-value further,
-            # with enough draws for p-values down to min_p.
-            samples = min(int(math.ceil(2.0 / min_p)), 1_000_000)
-            p_psi = p_value(self._fine_psi(feature, int(count), v, samples), scores.psi)
+            # Beyond (almost) every draw of the small null: a larger PSI-only null, and past
+            # its own top percent an exponential tail fitted to it (peaks over threshold).
+            fine = self._fine_psi(feature, int(count), v, FINE_SAMPLES)
+            p_psi = tail_p_value(fine, scores.psi)
         return Significance(
             p_psi=p_psi,
             p_js=p_value(null.js, scores.js_distance),
