@@ -177,7 +177,7 @@ def health_tables(cohorts: Sequence[pb.CohortHealth], color: bool = False,
                 drift_colors.append([None, None, c, c, None, None, None, None, c])
     out = table(headers, rows, color, colors)
     if drift_rows:
-        out += (f"\n\nfeatures with PSI >= {drift_threshold} (DRIFT: significant at p < 0.001 "
+        out += (f"\n\nfeatures with PSI >= {drift_threshold} (DRIFT: significant at p < 1e-5 "
                 "over the cohort's features, under its sampling and privacy noise):\n")
         out += table(["cohort", "feature", "psi", "p", "js", "ks", "w/sd", "miss%", "verdict"],
                      drift_rows, color, drift_colors)

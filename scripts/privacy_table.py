@@ -435,7 +435,7 @@ def _tables(t: Tables) -> list[_Table]:
         "noise sd: merged over the cohort's reports; floor (sim.): Table 2; floor (analytic): "
         "expected_null_psi over the bins the reference saw, \"-\" where its approximation is "
         "not valid; q99: the null PSI's 99th percentile (a lower PSI cannot reach p < "
-        "0.01; the flag itself asks p < 0.001/H, a higher bar); shift: Table 3; flagged "
+        "0.01; the flag itself asks p < 1e-5/H, a higher bar); shift: Table 3; flagged "
         "(sim.): the smallest shift whose simulated mean "
         f"observed PSI ({o.shift_samples} draws, noise included) exceeds both bars.",
         ("D", "E", "T", "noise sd per bin", "floor (sim.)", "floor (analytic)", "q99",
