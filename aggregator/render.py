@@ -138,6 +138,13 @@ def _f(x: float, spec: str = ".1f") -> str:
     return "-" if not math.isfinite(x) else format(x, spec)
 
 
+def _p(x: float) -> str:
+    """A p-value: fixed point down to 0.001, then scientific (never a bare 0.000)."""
+    if not math.isfinite(x):
+        return "-"
+    return format(x, ".3f") if x >= 0.001 else format(x, ".1e")
+
+
 def health_tables(cohorts: Sequence[pb.CohortHealth], color: bool = False,
                   drift_threshold: float = PSI_MODERATE) -> str:
     """The cohort table, then the features whose PSI is at least `drift_threshold`."""
@@ -157,7 +164,7 @@ def health_tables(cohorts: Sequence[pb.CohortHealth], color: bool = False,
         rows.append([label, str(h.devices), str(h.events), _f(100 * h.error_rate, ".2f"),
                      _f(h.latency_p50_ms), _f(h.latency_p95_ms), _f(h.latency_p99_ms),
                      _f(worst.psi, ".3f") if worst else "-",
-                     _f(worst.p_value, ".3f") if worst else "-", worst.name if worst else "-",
+                     _p(worst.p_value) if worst else "-", worst.name if worst else "-",
                      " ".join(status) or "ok"])
         slow = "latency" in status
         psi_color = (_RED if worst and worst.drifting else
@@ -169,7 +176,7 @@ def health_tables(cohorts: Sequence[pb.CohortHealth], color: bool = False,
             if d.drifting or (math.isfinite(d.psi) and d.psi >= drift_threshold):
                 verdict = ("DRIFT" if d.drifting else
                            "insufficient data" if d.insufficient_data else "not significant")
-                drift_rows.append([label, d.name, _f(d.psi, ".3f"), _f(d.p_value, ".4f"),
+                drift_rows.append([label, d.name, _f(d.psi, ".3f"), _p(d.p_value),
                                    _f(d.js_distance, ".3f"), _f(d.ks, ".3f"),
                                    _f(d.wasserstein_norm, ".3f"), _f(100 * d.missing_rate, ".1f"),
                                    verdict])
