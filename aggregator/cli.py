@@ -282,6 +282,18 @@ def _client_args(p: argparse.ArgumentParser, model: bool = True) -> None:
                    help="RPC deadline in seconds (default: %(default)s)")
 
 
+def _cohort_args(p: argparse.ArgumentParser, since: str, json_help: str) -> None:
+    """Selector, grouping, time range and --json: the options of every per-cohort query."""
+    p.add_argument("--cohort", metavar="K=V,...", help="label selector, e.g. region=eu,hw=jetson")
+    p.add_argument("--by", action="append", metavar="KEY",
+                   help="group by these label keys (repeat or comma-separate)")
+    p.add_argument("--since", default=since, metavar="DUR",
+                   help="look back this long from --until (default: %(default)s)")
+    p.add_argument("--until", default=None, metavar="TIME",
+                   help="end of the range: Unix seconds or ISO-8601 (default: now)")
+    p.add_argument("--json", action="store_true", help=json_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fleetwatch",
@@ -318,29 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "p50/p95/p99, and per feature PSI, Jensen-Shannon distance, KS and "
                        "Wasserstein against the spec's reference.")
     _client_args(p)
-    p.add_argument("--cohort", metavar="K=V,...", help="label selector, e.g. region=eu,hw=jetson")
-    p.add_argument("--by", action="append", metavar="KEY",
-                   help="group by these label keys (repeat or comma-separate)")
-    p.add_argument("--since", default="1h", metavar="DUR",
-                   help="look back this long from --until (default: %(default)s)")
-    p.add_argument("--until", default=None, metavar="TIME",
-                   help="end of the range: Unix seconds or ISO-8601 (default: now)")
-    p.add_argument("--json", action="store_true",
-                   help="print a JSON list of cohort objects (schema: docs/health-json.md)")
+    _cohort_args(p, since="1h", json_help="print a JSON list of cohort objects (schema: "
+                 "docs/health-json.md)")
     p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("privacy", help="privacy budget per cohort: spend, withholding devices",
                        description="Per cohort: the noise mechanism and unit, devices whose "
                        "budget is spent (withholding private histograms), and the spend so far.")
     _client_args(p)
-    p.add_argument("--cohort", metavar="K=V,...", help="label selector, e.g. region=eu")
-    p.add_argument("--by", action="append", metavar="KEY",
-                   help="group by these label keys (repeat or comma-separate)")
-    p.add_argument("--since", default="24h", metavar="DUR",
-                   help="look back this long from --until (default: %(default)s)")
-    p.add_argument("--until", default=None, metavar="TIME",
-                   help="end of the range: Unix seconds or ISO-8601 (default: now)")
-    p.add_argument("--json", action="store_true", help="print a JSON list of cohort objects")
+    _cohort_args(p, since="24h", json_help="print a JSON list of cohort objects (fields: "
+                 "docs/privacy.md)")
     p.set_defaults(func=cmd_privacy)
 
     p = sub.add_parser("cohorts", help="list the label keys and values seen for a model")
