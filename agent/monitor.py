@@ -33,8 +33,7 @@ import numpy as np
 from agent.errors import ConfigError, SpecError
 from agent.noise import RandomSource, SecureRandom
 from agent.privacy import (
-    NoisePlan,
-    PrivacyAccountant,
+        PrivacyAccountant,
     Release,
     clamp_summary,
     noise_plan,
@@ -177,7 +176,6 @@ class Monitor:
         # Noise comes from the OS's secure source; a seeded source is for tests only.
         self._noise_rng: RandomSource | None = noise_rng  # None: SecureRandom, on first use
         self._clamp_rng = np.random.default_rng(secrets.randbits(128))
-        self._plans: dict[str, NoisePlan | None] = {}
 
         self._lock = threading.Lock()
         self._open: dict[int, WindowAccumulator] = {}
@@ -348,9 +346,7 @@ class Monitor:
 
     def _release(self, acc: WindowAccumulator, summary: Summary) -> Release | None:
         """Clamp, ask the accountant, and noise the private histograms (None: no noise)."""
-        plan = self._plans.get(acc.spec.hash)
-        if plan is None and acc.spec.hash not in self._plans:
-            plan = self._plans[acc.spec.hash] = noise_plan(acc.spec)
+        plan = noise_plan(acc.spec)
         if plan is None:
             return None
         # Invalid values and unknown feature names are counted from the model's inputs: exact

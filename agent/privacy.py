@@ -57,8 +57,22 @@ class NoisePlan:
     sensitivity: int           # events one unit can add to one histogram in one window
 
 
+_PLANS: dict[str, NoisePlan | None] = {}
+_MAX_PLANS = 256
+
+
 def noise_plan(spec: Spec) -> NoisePlan | None:
-    """The spec's noise, or None when it asks for none."""
+    """The spec's noise, or None when it asks for none. Computed once per spec hash: the agent
+    asks per window and the aggregator per report."""
+    key = spec.hash
+    if key not in _PLANS:
+        if len(_PLANS) >= _MAX_PLANS:  # specs are few; a bound keeps a long-lived process flat
+            _PLANS.clear()
+        _PLANS[key] = _noise_plan(spec)
+    return _PLANS[key]
+
+
+def _noise_plan(spec: Spec) -> NoisePlan | None:
     p = spec.privacy
     if not p.noisy:
         return None

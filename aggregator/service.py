@@ -148,6 +148,12 @@ def privacy_to_proto(c: CohortPrivacy) -> pb.CohortPrivacy:
         mean_day_epsilon_spent=st.mean_day_epsilon, per_event_epsilon=c.per_event_epsilon)
 
 
+def _cohort_query(request: pb.CohortHealthRequest) -> tuple:
+    """The positional arguments cohort_health and cohort_privacy share."""
+    return (request.model, request.model_version, dict(request.selector),
+            list(request.group_by), request.start_unix_s, request.end_unix_s)
+
+
 class QueryService(pb_grpc.QueryServicer):
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -155,9 +161,7 @@ class QueryService(pb_grpc.QueryServicer):
     def CohortHealth(self, request: pb.CohortHealthRequest,
                      context: grpc.ServicerContext) -> pb.CohortHealthResponse:
         try:
-            result = cohort_health(self.store, request.model, request.model_version,
-                                   dict(request.selector), list(request.group_by),
-                                   request.start_unix_s, request.end_unix_s)
+            result = cohort_health(self.store, *_cohort_query(request))
         except Exception as e:
             _abort(context, e)
         return pb.CohortHealthResponse(cohorts=[health_to_proto(h) for h in result])
@@ -165,9 +169,7 @@ class QueryService(pb_grpc.QueryServicer):
     def CohortPrivacy(self, request: pb.CohortHealthRequest,
                       context: grpc.ServicerContext) -> pb.CohortPrivacyResponse:
         try:
-            result = cohort_privacy(self.store, request.model, request.model_version,
-                                    dict(request.selector), list(request.group_by),
-                                    request.start_unix_s, request.end_unix_s)
+            result = cohort_privacy(self.store, *_cohort_query(request))
         except Exception as e:
             _abort(context, e)
         return pb.CohortPrivacyResponse(cohorts=[privacy_to_proto(c) for c in result])

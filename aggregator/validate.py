@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.errors import ValidationError
-from agent.privacy import NoisePlan, noise_plan
+from agent.privacy import noise_plan
 from agent.spec import Spec
 from agent.summary import Summary
 from agent.wire import ReportMeta, report_from_proto
@@ -37,16 +37,6 @@ class Limits:
     max_events_per_report: int = 1 << 32
     max_future_s: int = 86400     # window starts further ahead of our clock are refused
     max_sketch_bytes: int = 1 << 20
-
-
-_PLANS: dict[str, NoisePlan | None] = {}
-
-
-def _noise_plan(spec: Spec) -> NoisePlan | None:
-    """The spec's noise plan, computed once per spec hash (specs are few and immutable)."""
-    if spec.hash not in _PLANS:
-        _PLANS[spec.hash] = noise_plan(spec)
-    return _PLANS[spec.hash]
 
 
 def _fail(field: str, message: str) -> ValidationError:
@@ -118,7 +108,7 @@ def validate_report(msg: pb.WindowReport, spec: Spec, limits: Limits = Limits(),
     Raises ValidationError (or its subclass SketchError) naming the field."""
     now = time.time() if now is None else now
     _check_meta(msg, spec, limits, now)
-    plan = _noise_plan(spec)
+    plan = noise_plan(spec)
     if msg.private_withheld:
         if plan is None:
             raise _fail("private_withheld", "the spec adds no noise, so nothing is withheld")
