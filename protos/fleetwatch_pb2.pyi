@@ -25,6 +25,13 @@ class NoiseMechanism(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NOISE_MECHANISM_DISCRETE_LAPLACE: _ClassVar[NoiseMechanism]
     NOISE_MECHANISM_DISCRETE_GAUSSIAN: _ClassVar[NoiseMechanism]
     NOISE_MECHANISM_NONE: _ClassVar[NoiseMechanism]
+
+class LabelTask(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LABEL_TASK_UNSPECIFIED: _ClassVar[LabelTask]
+    LABEL_TASK_BINARY: _ClassVar[LabelTask]
+    LABEL_TASK_MULTICLASS: _ClassVar[LabelTask]
+    LABEL_TASK_REGRESSION: _ClassVar[LabelTask]
 FEATURE_TYPE_UNSPECIFIED: FeatureType
 FEATURE_TYPE_NUMERIC: FeatureType
 FEATURE_TYPE_CATEGORICAL: FeatureType
@@ -35,6 +42,10 @@ NOISE_MECHANISM_UNSPECIFIED: NoiseMechanism
 NOISE_MECHANISM_DISCRETE_LAPLACE: NoiseMechanism
 NOISE_MECHANISM_DISCRETE_GAUSSIAN: NoiseMechanism
 NOISE_MECHANISM_NONE: NoiseMechanism
+LABEL_TASK_UNSPECIFIED: LabelTask
+LABEL_TASK_BINARY: LabelTask
+LABEL_TASK_MULTICLASS: LabelTask
+LABEL_TASK_REGRESSION: LabelTask
 
 class FeatureSpec(_message.Message):
     __slots__ = ("name", "type", "edges", "vocabulary", "reference_counts")
@@ -72,8 +83,24 @@ class LatencySpec(_message.Message):
     reference_kll: bytes
     def __init__(self, reference_kll: _Optional[bytes] = ...) -> None: ...
 
+class LabelSpec(_message.Message):
+    __slots__ = ("task", "classes", "threshold", "calibration_edges", "residual_edges", "latency_edges")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_EDGES_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_EDGES_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_EDGES_FIELD_NUMBER: _ClassVar[int]
+    task: LabelTask
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    threshold: float
+    calibration_edges: _containers.RepeatedScalarFieldContainer[float]
+    residual_edges: _containers.RepeatedScalarFieldContainer[float]
+    latency_edges: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, task: _Optional[_Union[LabelTask, str]] = ..., classes: _Optional[_Iterable[str]] = ..., threshold: _Optional[float] = ..., calibration_edges: _Optional[_Iterable[float]] = ..., residual_edges: _Optional[_Iterable[float]] = ..., latency_edges: _Optional[_Iterable[float]] = ...) -> None: ...
+
 class Spec(_message.Message):
-    __slots__ = ("model", "model_version", "features", "prediction", "latency", "window_length_s", "hash", "created_unix_s", "reference_rows", "privacy")
+    __slots__ = ("model", "model_version", "features", "prediction", "latency", "window_length_s", "hash", "created_unix_s", "reference_rows", "privacy", "labels")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +111,7 @@ class Spec(_message.Message):
     CREATED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_ROWS_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: str
     features: _containers.RepeatedCompositeFieldContainer[FeatureSpec]
@@ -94,7 +122,8 @@ class Spec(_message.Message):
     created_unix_s: int
     reference_rows: int
     privacy: PrivacySpec
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., features: _Optional[_Iterable[_Union[FeatureSpec, _Mapping]]] = ..., prediction: _Optional[_Union[FeatureSpec, _Mapping]] = ..., latency: _Optional[_Union[LatencySpec, _Mapping]] = ..., window_length_s: _Optional[int] = ..., hash: _Optional[str] = ..., created_unix_s: _Optional[int] = ..., reference_rows: _Optional[int] = ..., privacy: _Optional[_Union[PrivacySpec, _Mapping]] = ...) -> None: ...
+    labels: LabelSpec
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., features: _Optional[_Iterable[_Union[FeatureSpec, _Mapping]]] = ..., prediction: _Optional[_Union[FeatureSpec, _Mapping]] = ..., latency: _Optional[_Union[LatencySpec, _Mapping]] = ..., window_length_s: _Optional[int] = ..., hash: _Optional[str] = ..., created_unix_s: _Optional[int] = ..., reference_rows: _Optional[int] = ..., privacy: _Optional[_Union[PrivacySpec, _Mapping]] = ..., labels: _Optional[_Union[LabelSpec, _Mapping]] = ...) -> None: ...
 
 class Histogram(_message.Message):
     __slots__ = ("counts",)
@@ -111,7 +140,7 @@ class FeatureHistogram(_message.Message):
     def __init__(self, name: _Optional[str] = ..., histogram: _Optional[_Union[Histogram, _Mapping]] = ...) -> None: ...
 
 class WindowReport(_message.Message):
-    __slots__ = ("device_id", "model", "model_version", "labels", "window_start_unix_s", "window_length_s", "seq", "spec_hash", "event_count", "error_count", "features", "prediction", "latency_kll", "late_event_count", "invalid_value_count", "unknown_feature_count", "spool_dropped_count", "created_unix_ms", "agent_version", "private_withheld", "epsilon_spent", "day_epsilon_spent", "clamped_event_count")
+    __slots__ = ("device_id", "model", "model_version", "labels", "window_start_unix_s", "window_length_s", "seq", "spec_hash", "event_count", "error_count", "features", "prediction", "latency_kll", "late_event_count", "invalid_value_count", "unknown_feature_count", "spool_dropped_count", "created_unix_ms", "agent_version", "private_withheld", "epsilon_spent", "day_epsilon_spent", "clamped_event_count", "labeled_count", "confusion", "calibration", "residuals", "label_latency", "heartbeat", "labels_unmatched_count", "label_cache_evicted_count", "clamped_label_count")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +171,15 @@ class WindowReport(_message.Message):
     EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
     DAY_EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
     CLAMPED_EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LABELED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CONFUSION_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    RESIDUALS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_LATENCY_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_UNMATCHED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_CACHE_EVICTED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CLAMPED_LABEL_COUNT_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     model: str
     model_version: str
@@ -165,7 +203,16 @@ class WindowReport(_message.Message):
     epsilon_spent: float
     day_epsilon_spent: float
     clamped_event_count: int
-    def __init__(self, device_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., window_start_unix_s: _Optional[int] = ..., window_length_s: _Optional[int] = ..., seq: _Optional[int] = ..., spec_hash: _Optional[str] = ..., event_count: _Optional[int] = ..., error_count: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureHistogram, _Mapping]]] = ..., prediction: _Optional[_Union[Histogram, _Mapping]] = ..., latency_kll: _Optional[bytes] = ..., late_event_count: _Optional[int] = ..., invalid_value_count: _Optional[int] = ..., unknown_feature_count: _Optional[int] = ..., spool_dropped_count: _Optional[int] = ..., created_unix_ms: _Optional[int] = ..., agent_version: _Optional[str] = ..., private_withheld: _Optional[bool] = ..., epsilon_spent: _Optional[float] = ..., day_epsilon_spent: _Optional[float] = ..., clamped_event_count: _Optional[int] = ...) -> None: ...
+    labeled_count: int
+    confusion: Histogram
+    calibration: Histogram
+    residuals: Histogram
+    label_latency: Histogram
+    heartbeat: bool
+    labels_unmatched_count: int
+    label_cache_evicted_count: int
+    clamped_label_count: int
+    def __init__(self, device_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., window_start_unix_s: _Optional[int] = ..., window_length_s: _Optional[int] = ..., seq: _Optional[int] = ..., spec_hash: _Optional[str] = ..., event_count: _Optional[int] = ..., error_count: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureHistogram, _Mapping]]] = ..., prediction: _Optional[_Union[Histogram, _Mapping]] = ..., latency_kll: _Optional[bytes] = ..., late_event_count: _Optional[int] = ..., invalid_value_count: _Optional[int] = ..., unknown_feature_count: _Optional[int] = ..., spool_dropped_count: _Optional[int] = ..., created_unix_ms: _Optional[int] = ..., agent_version: _Optional[str] = ..., private_withheld: _Optional[bool] = ..., epsilon_spent: _Optional[float] = ..., day_epsilon_spent: _Optional[float] = ..., clamped_event_count: _Optional[int] = ..., labeled_count: _Optional[int] = ..., confusion: _Optional[_Union[Histogram, _Mapping]] = ..., calibration: _Optional[_Union[Histogram, _Mapping]] = ..., residuals: _Optional[_Union[Histogram, _Mapping]] = ..., label_latency: _Optional[_Union[Histogram, _Mapping]] = ..., heartbeat: _Optional[bool] = ..., labels_unmatched_count: _Optional[int] = ..., label_cache_evicted_count: _Optional[int] = ..., clamped_label_count: _Optional[int] = ...) -> None: ...
 
 class ReportEnvelope(_message.Message):
     __slots__ = ("report", "signature", "key_id")
@@ -178,7 +225,7 @@ class ReportEnvelope(_message.Message):
     def __init__(self, report: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class Summary(_message.Message):
-    __slots__ = ("report_count", "event_count", "error_count", "features", "prediction", "latency_kll", "late_event_count", "invalid_value_count", "unknown_feature_count", "spool_dropped_count", "noise_variance_per_bin", "withheld_report_count", "histogram_event_count", "clamped_event_count")
+    __slots__ = ("report_count", "event_count", "error_count", "features", "prediction", "latency_kll", "late_event_count", "invalid_value_count", "unknown_feature_count", "spool_dropped_count", "noise_variance_per_bin", "withheld_report_count", "histogram_event_count", "clamped_event_count", "labeled_count", "confusion", "calibration", "residuals", "label_latency", "heartbeat_count", "labels_unmatched_count", "label_cache_evicted_count", "clamped_label_count", "label_histogram_count")
     REPORT_COUNT_FIELD_NUMBER: _ClassVar[int]
     EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
     ERROR_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +240,16 @@ class Summary(_message.Message):
     WITHHELD_REPORT_COUNT_FIELD_NUMBER: _ClassVar[int]
     HISTOGRAM_EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
     CLAMPED_EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LABELED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CONFUSION_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    RESIDUALS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_LATENCY_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_UNMATCHED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_CACHE_EVICTED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CLAMPED_LABEL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_HISTOGRAM_COUNT_FIELD_NUMBER: _ClassVar[int]
     report_count: int
     event_count: int
     error_count: int
@@ -207,7 +264,17 @@ class Summary(_message.Message):
     withheld_report_count: int
     histogram_event_count: int
     clamped_event_count: int
-    def __init__(self, report_count: _Optional[int] = ..., event_count: _Optional[int] = ..., error_count: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureHistogram, _Mapping]]] = ..., prediction: _Optional[_Union[Histogram, _Mapping]] = ..., latency_kll: _Optional[bytes] = ..., late_event_count: _Optional[int] = ..., invalid_value_count: _Optional[int] = ..., unknown_feature_count: _Optional[int] = ..., spool_dropped_count: _Optional[int] = ..., noise_variance_per_bin: _Optional[float] = ..., withheld_report_count: _Optional[int] = ..., histogram_event_count: _Optional[int] = ..., clamped_event_count: _Optional[int] = ...) -> None: ...
+    labeled_count: int
+    confusion: Histogram
+    calibration: Histogram
+    residuals: Histogram
+    label_latency: Histogram
+    heartbeat_count: int
+    labels_unmatched_count: int
+    label_cache_evicted_count: int
+    clamped_label_count: int
+    label_histogram_count: int
+    def __init__(self, report_count: _Optional[int] = ..., event_count: _Optional[int] = ..., error_count: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureHistogram, _Mapping]]] = ..., prediction: _Optional[_Union[Histogram, _Mapping]] = ..., latency_kll: _Optional[bytes] = ..., late_event_count: _Optional[int] = ..., invalid_value_count: _Optional[int] = ..., unknown_feature_count: _Optional[int] = ..., spool_dropped_count: _Optional[int] = ..., noise_variance_per_bin: _Optional[float] = ..., withheld_report_count: _Optional[int] = ..., histogram_event_count: _Optional[int] = ..., clamped_event_count: _Optional[int] = ..., labeled_count: _Optional[int] = ..., confusion: _Optional[_Union[Histogram, _Mapping]] = ..., calibration: _Optional[_Union[Histogram, _Mapping]] = ..., residuals: _Optional[_Union[Histogram, _Mapping]] = ..., label_latency: _Optional[_Union[Histogram, _Mapping]] = ..., heartbeat_count: _Optional[int] = ..., labels_unmatched_count: _Optional[int] = ..., label_cache_evicted_count: _Optional[int] = ..., clamped_label_count: _Optional[int] = ..., label_histogram_count: _Optional[int] = ...) -> None: ...
 
 class ReportResponse(_message.Message):
     __slots__ = ("status", "seq")
@@ -256,7 +323,7 @@ class ListSpecsResponse(_message.Message):
     def __init__(self, specs: _Optional[_Iterable[_Union[Spec, _Mapping]]] = ...) -> None: ...
 
 class CohortHealthRequest(_message.Message):
-    __slots__ = ("model", "model_version", "selector", "group_by", "start_unix_s", "end_unix_s")
+    __slots__ = ("model", "model_version", "selector", "group_by", "start_unix_s", "end_unix_s", "fairness_key")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -270,13 +337,15 @@ class CohortHealthRequest(_message.Message):
     GROUP_BY_FIELD_NUMBER: _ClassVar[int]
     START_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     END_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    FAIRNESS_KEY_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: str
     selector: _containers.ScalarMap[str, str]
     group_by: _containers.RepeatedScalarFieldContainer[str]
     start_unix_s: int
     end_unix_s: int
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., group_by: _Optional[_Iterable[str]] = ..., start_unix_s: _Optional[int] = ..., end_unix_s: _Optional[int] = ...) -> None: ...
+    fairness_key: str
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., group_by: _Optional[_Iterable[str]] = ..., start_unix_s: _Optional[int] = ..., end_unix_s: _Optional[int] = ..., fairness_key: _Optional[str] = ...) -> None: ...
 
 class FeatureDrift(_message.Message):
     __slots__ = ("name", "count", "psi", "js_distance", "ks", "wasserstein", "wasserstein_norm", "missing_rate", "p_value", "drifting", "insufficient_data", "expected_null_psi")
@@ -307,7 +376,7 @@ class FeatureDrift(_message.Message):
     def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ..., psi: _Optional[float] = ..., js_distance: _Optional[float] = ..., ks: _Optional[float] = ..., wasserstein: _Optional[float] = ..., wasserstein_norm: _Optional[float] = ..., missing_rate: _Optional[float] = ..., p_value: _Optional[float] = ..., drifting: _Optional[bool] = ..., insufficient_data: _Optional[bool] = ..., expected_null_psi: _Optional[float] = ...) -> None: ...
 
 class CohortHealth(_message.Message):
-    __slots__ = ("cohort", "model", "model_version", "spec_hash", "start_unix_s", "end_unix_s", "devices", "reports", "events", "errors", "error_rate", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "latency_rank_error", "features", "prediction", "late_events", "invalid_values", "unknown_features", "spool_dropped", "reference_latency_p50_ms", "reference_latency_p95_ms", "reference_latency_p99_ms", "withheld_reports", "histogram_events", "noise_sd_per_bin")
+    __slots__ = ("cohort", "model", "model_version", "spec_hash", "start_unix_s", "end_unix_s", "devices", "reports", "events", "errors", "error_rate", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "latency_rank_error", "features", "prediction", "late_events", "invalid_values", "unknown_features", "spool_dropped", "reference_latency_p50_ms", "reference_latency_p95_ms", "reference_latency_p99_ms", "withheld_reports", "histogram_events", "noise_sd_per_bin", "devices_last_day", "availability", "heartbeats", "task", "labeled", "accuracy", "precision", "recall", "f1", "brier", "ece", "mae", "rmse", "label_latency_p50_s", "label_latency_p95_s", "labels_unmatched", "label_cache_evicted", "positive_rate")
     class CohortEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -342,6 +411,24 @@ class CohortHealth(_message.Message):
     WITHHELD_REPORTS_FIELD_NUMBER: _ClassVar[int]
     HISTOGRAM_EVENTS_FIELD_NUMBER: _ClassVar[int]
     NOISE_SD_PER_BIN_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_LAST_DAY_FIELD_NUMBER: _ClassVar[int]
+    AVAILABILITY_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEATS_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    LABELED_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
+    F1_FIELD_NUMBER: _ClassVar[int]
+    BRIER_FIELD_NUMBER: _ClassVar[int]
+    ECE_FIELD_NUMBER: _ClassVar[int]
+    MAE_FIELD_NUMBER: _ClassVar[int]
+    RMSE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_LATENCY_P50_S_FIELD_NUMBER: _ClassVar[int]
+    LABEL_LATENCY_P95_S_FIELD_NUMBER: _ClassVar[int]
+    LABELS_UNMATCHED_FIELD_NUMBER: _ClassVar[int]
+    LABEL_CACHE_EVICTED_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_RATE_FIELD_NUMBER: _ClassVar[int]
     cohort: _containers.ScalarMap[str, str]
     model: str
     model_version: str
@@ -369,13 +456,65 @@ class CohortHealth(_message.Message):
     withheld_reports: int
     histogram_events: int
     noise_sd_per_bin: float
-    def __init__(self, cohort: _Optional[_Mapping[str, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., spec_hash: _Optional[str] = ..., start_unix_s: _Optional[int] = ..., end_unix_s: _Optional[int] = ..., devices: _Optional[int] = ..., reports: _Optional[int] = ..., events: _Optional[int] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., latency_rank_error: _Optional[float] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., prediction: _Optional[_Union[FeatureDrift, _Mapping]] = ..., late_events: _Optional[int] = ..., invalid_values: _Optional[int] = ..., unknown_features: _Optional[int] = ..., spool_dropped: _Optional[int] = ..., reference_latency_p50_ms: _Optional[float] = ..., reference_latency_p95_ms: _Optional[float] = ..., reference_latency_p99_ms: _Optional[float] = ..., withheld_reports: _Optional[int] = ..., histogram_events: _Optional[int] = ..., noise_sd_per_bin: _Optional[float] = ...) -> None: ...
+    devices_last_day: int
+    availability: float
+    heartbeats: int
+    task: str
+    labeled: int
+    accuracy: float
+    precision: float
+    recall: float
+    f1: float
+    brier: float
+    ece: float
+    mae: float
+    rmse: float
+    label_latency_p50_s: float
+    label_latency_p95_s: float
+    labels_unmatched: int
+    label_cache_evicted: int
+    positive_rate: float
+    def __init__(self, cohort: _Optional[_Mapping[str, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., spec_hash: _Optional[str] = ..., start_unix_s: _Optional[int] = ..., end_unix_s: _Optional[int] = ..., devices: _Optional[int] = ..., reports: _Optional[int] = ..., events: _Optional[int] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., latency_rank_error: _Optional[float] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., prediction: _Optional[_Union[FeatureDrift, _Mapping]] = ..., late_events: _Optional[int] = ..., invalid_values: _Optional[int] = ..., unknown_features: _Optional[int] = ..., spool_dropped: _Optional[int] = ..., reference_latency_p50_ms: _Optional[float] = ..., reference_latency_p95_ms: _Optional[float] = ..., reference_latency_p99_ms: _Optional[float] = ..., withheld_reports: _Optional[int] = ..., histogram_events: _Optional[int] = ..., noise_sd_per_bin: _Optional[float] = ..., devices_last_day: _Optional[int] = ..., availability: _Optional[float] = ..., heartbeats: _Optional[int] = ..., task: _Optional[str] = ..., labeled: _Optional[int] = ..., accuracy: _Optional[float] = ..., precision: _Optional[float] = ..., recall: _Optional[float] = ..., f1: _Optional[float] = ..., brier: _Optional[float] = ..., ece: _Optional[float] = ..., mae: _Optional[float] = ..., rmse: _Optional[float] = ..., label_latency_p50_s: _Optional[float] = ..., label_latency_p95_s: _Optional[float] = ..., labels_unmatched: _Optional[int] = ..., label_cache_evicted: _Optional[int] = ..., positive_rate: _Optional[float] = ...) -> None: ...
+
+class FairnessGroup(_message.Message):
+    __slots__ = ("value", "labeled", "accuracy", "positive_rate")
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    LABELED_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_RATE_FIELD_NUMBER: _ClassVar[int]
+    value: str
+    labeled: int
+    accuracy: float
+    positive_rate: float
+    def __init__(self, value: _Optional[str] = ..., labeled: _Optional[int] = ..., accuracy: _Optional[float] = ..., positive_rate: _Optional[float] = ...) -> None: ...
+
+class FairnessDelta(_message.Message):
+    __slots__ = ("key", "accuracy_gap", "accuracy_best", "accuracy_worst", "positive_rate_gap", "positive_rate_highest", "positive_rate_lowest", "groups")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_GAP_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_BEST_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_WORST_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_RATE_GAP_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_RATE_HIGHEST_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_RATE_LOWEST_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    accuracy_gap: float
+    accuracy_best: str
+    accuracy_worst: str
+    positive_rate_gap: float
+    positive_rate_highest: str
+    positive_rate_lowest: str
+    groups: _containers.RepeatedCompositeFieldContainer[FairnessGroup]
+    def __init__(self, key: _Optional[str] = ..., accuracy_gap: _Optional[float] = ..., accuracy_best: _Optional[str] = ..., accuracy_worst: _Optional[str] = ..., positive_rate_gap: _Optional[float] = ..., positive_rate_highest: _Optional[str] = ..., positive_rate_lowest: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[FairnessGroup, _Mapping]]] = ...) -> None: ...
 
 class CohortHealthResponse(_message.Message):
-    __slots__ = ("cohorts",)
+    __slots__ = ("cohorts", "fairness")
     COHORTS_FIELD_NUMBER: _ClassVar[int]
+    FAIRNESS_FIELD_NUMBER: _ClassVar[int]
     cohorts: _containers.RepeatedCompositeFieldContainer[CohortHealth]
-    def __init__(self, cohorts: _Optional[_Iterable[_Union[CohortHealth, _Mapping]]] = ...) -> None: ...
+    fairness: FairnessDelta
+    def __init__(self, cohorts: _Optional[_Iterable[_Union[CohortHealth, _Mapping]]] = ..., fairness: _Optional[_Union[FairnessDelta, _Mapping]] = ...) -> None: ...
 
 class ListCohortsRequest(_message.Message):
     __slots__ = ("model", "model_version", "start_unix_s", "end_unix_s")
@@ -459,3 +598,199 @@ class CohortPrivacyResponse(_message.Message):
     COHORTS_FIELD_NUMBER: _ClassVar[int]
     cohorts: _containers.RepeatedCompositeFieldContainer[CohortPrivacy]
     def __init__(self, cohorts: _Optional[_Iterable[_Union[CohortPrivacy, _Mapping]]] = ...) -> None: ...
+
+class AlertInfo(_message.Message):
+    __slots__ = ("rule", "kind", "model", "cohort", "severity", "state", "value", "threshold", "starts_at_unix_s", "ends_at_unix_s", "fingerprint", "labels", "annotations")
+    class CohortEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class AnnotationsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    COHORT_FIELD_NUMBER: _ClassVar[int]
+    SEVERITY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    STARTS_AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    ENDS_AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
+    rule: str
+    kind: str
+    model: str
+    cohort: _containers.ScalarMap[str, str]
+    severity: str
+    state: str
+    value: float
+    threshold: float
+    starts_at_unix_s: int
+    ends_at_unix_s: int
+    fingerprint: str
+    labels: _containers.ScalarMap[str, str]
+    annotations: _containers.ScalarMap[str, str]
+    def __init__(self, rule: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., cohort: _Optional[_Mapping[str, str]] = ..., severity: _Optional[str] = ..., state: _Optional[str] = ..., value: _Optional[float] = ..., threshold: _Optional[float] = ..., starts_at_unix_s: _Optional[int] = ..., ends_at_unix_s: _Optional[int] = ..., fingerprint: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., annotations: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class BudgetInfo(_message.Message):
+    __slots__ = ("slo", "model", "cohort", "windows", "bad_windows", "budget", "left_fraction", "burn_rates")
+    class CohortEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class BurnRatesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    SLO_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    COHORT_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    BAD_WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    LEFT_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    BURN_RATES_FIELD_NUMBER: _ClassVar[int]
+    slo: str
+    model: str
+    cohort: _containers.ScalarMap[str, str]
+    windows: int
+    bad_windows: int
+    budget: float
+    left_fraction: float
+    burn_rates: _containers.ScalarMap[str, float]
+    def __init__(self, slo: _Optional[str] = ..., model: _Optional[str] = ..., cohort: _Optional[_Mapping[str, str]] = ..., windows: _Optional[int] = ..., bad_windows: _Optional[int] = ..., budget: _Optional[float] = ..., left_fraction: _Optional[float] = ..., burn_rates: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class ListAlertsRequest(_message.Message):
+    __slots__ = ("model", "state", "resolved_limit")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RESOLVED_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    state: str
+    resolved_limit: int
+    def __init__(self, model: _Optional[str] = ..., state: _Optional[str] = ..., resolved_limit: _Optional[int] = ...) -> None: ...
+
+class ListAlertsResponse(_message.Message):
+    __slots__ = ("alerts", "budgets", "evaluated_until", "rules_loaded")
+    class EvaluatedUntilEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    ALERTS_FIELD_NUMBER: _ClassVar[int]
+    BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATED_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    RULES_LOADED_FIELD_NUMBER: _ClassVar[int]
+    alerts: _containers.RepeatedCompositeFieldContainer[AlertInfo]
+    budgets: _containers.RepeatedCompositeFieldContainer[BudgetInfo]
+    evaluated_until: _containers.ScalarMap[str, int]
+    rules_loaded: bool
+    def __init__(self, alerts: _Optional[_Iterable[_Union[AlertInfo, _Mapping]]] = ..., budgets: _Optional[_Iterable[_Union[BudgetInfo, _Mapping]]] = ..., evaluated_until: _Optional[_Mapping[str, int]] = ..., rules_loaded: _Optional[bool] = ...) -> None: ...
+
+class CompareRequest(_message.Message):
+    __slots__ = ("model", "baseline_version", "candidate_version", "selector", "group_by", "start_unix_s", "end_unix_s", "alpha")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    baseline_version: str
+    candidate_version: str
+    selector: _containers.ScalarMap[str, str]
+    group_by: _containers.RepeatedScalarFieldContainer[str]
+    start_unix_s: int
+    end_unix_s: int
+    alpha: float
+    def __init__(self, model: _Optional[str] = ..., baseline_version: _Optional[str] = ..., candidate_version: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., group_by: _Optional[_Iterable[str]] = ..., start_unix_s: _Optional[int] = ..., end_unix_s: _Optional[int] = ..., alpha: _Optional[float] = ...) -> None: ...
+
+class MetricComparison(_message.Message):
+    __slots__ = ("metric", "baseline", "candidate", "difference", "p_value", "significant", "worse", "higher_is_worse")
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    SIGNIFICANT_FIELD_NUMBER: _ClassVar[int]
+    WORSE_FIELD_NUMBER: _ClassVar[int]
+    HIGHER_IS_WORSE_FIELD_NUMBER: _ClassVar[int]
+    metric: str
+    baseline: float
+    candidate: float
+    difference: float
+    p_value: float
+    significant: bool
+    worse: bool
+    higher_is_worse: bool
+    def __init__(self, metric: _Optional[str] = ..., baseline: _Optional[float] = ..., candidate: _Optional[float] = ..., difference: _Optional[float] = ..., p_value: _Optional[float] = ..., significant: _Optional[bool] = ..., worse: _Optional[bool] = ..., higher_is_worse: _Optional[bool] = ...) -> None: ...
+
+class CohortComparison(_message.Message):
+    __slots__ = ("cohort", "baseline_events", "candidate_events", "metrics")
+    class CohortEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    COHORT_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    cohort: _containers.ScalarMap[str, str]
+    baseline_events: int
+    candidate_events: int
+    metrics: _containers.RepeatedCompositeFieldContainer[MetricComparison]
+    def __init__(self, cohort: _Optional[_Mapping[str, str]] = ..., baseline_events: _Optional[int] = ..., candidate_events: _Optional[int] = ..., metrics: _Optional[_Iterable[_Union[MetricComparison, _Mapping]]] = ...) -> None: ...
+
+class CompareResponse(_message.Message):
+    __slots__ = ("cohorts", "baseline_spec_hash", "candidate_spec_hash", "start_unix_s", "end_unix_s", "corrected_alpha")
+    COHORTS_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_SPEC_HASH_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_SPEC_HASH_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    CORRECTED_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    cohorts: _containers.RepeatedCompositeFieldContainer[CohortComparison]
+    baseline_spec_hash: str
+    candidate_spec_hash: str
+    start_unix_s: int
+    end_unix_s: int
+    corrected_alpha: float
+    def __init__(self, cohorts: _Optional[_Iterable[_Union[CohortComparison, _Mapping]]] = ..., baseline_spec_hash: _Optional[str] = ..., candidate_spec_hash: _Optional[str] = ..., start_unix_s: _Optional[int] = ..., end_unix_s: _Optional[int] = ..., corrected_alpha: _Optional[float] = ...) -> None: ...

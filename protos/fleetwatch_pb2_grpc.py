@@ -286,6 +286,16 @@ class QueryStub:
                 request_serializer=protos_dot_fleetwatch__pb2.CohortHealthRequest.SerializeToString,
                 response_deserializer=protos_dot_fleetwatch__pb2.CohortPrivacyResponse.FromString,
                 _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/fleetwatch.v1.Query/ListAlerts',
+                request_serializer=protos_dot_fleetwatch__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=protos_dot_fleetwatch__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
+        self.CompareVersions = channel.unary_unary(
+                '/fleetwatch.v1.Query/CompareVersions',
+                request_serializer=protos_dot_fleetwatch__pb2.CompareRequest.SerializeToString,
+                response_deserializer=protos_dot_fleetwatch__pb2.CompareResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServicer:
@@ -311,6 +321,20 @@ class QueryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAlerts(self, request, context):
+        """Alerts as the rule engine holds them, recent resolved ones, and SLO budgets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompareVersions(self, request, context):
+        """Two versions of a model side by side, per cohort (the canary gate).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -328,6 +352,16 @@ def add_QueryServicer_to_server(servicer, server):
                     servicer.CohortPrivacy,
                     request_deserializer=protos_dot_fleetwatch__pb2.CohortHealthRequest.FromString,
                     response_serializer=protos_dot_fleetwatch__pb2.CohortPrivacyResponse.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=protos_dot_fleetwatch__pb2.ListAlertsRequest.FromString,
+                    response_serializer=protos_dot_fleetwatch__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'CompareVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareVersions,
+                    request_deserializer=protos_dot_fleetwatch__pb2.CompareRequest.FromString,
+                    response_serializer=protos_dot_fleetwatch__pb2.CompareResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -412,6 +446,60 @@ class Query:
             '/fleetwatch.v1.Query/CohortPrivacy',
             protos_dot_fleetwatch__pb2.CohortHealthRequest.SerializeToString,
             protos_dot_fleetwatch__pb2.CohortPrivacyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetwatch.v1.Query/ListAlerts',
+            protos_dot_fleetwatch__pb2.ListAlertsRequest.SerializeToString,
+            protos_dot_fleetwatch__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetwatch.v1.Query/CompareVersions',
+            protos_dot_fleetwatch__pb2.CompareRequest.SerializeToString,
+            protos_dot_fleetwatch__pb2.CompareResponse.FromString,
             options,
             channel_credentials,
             insecure,
