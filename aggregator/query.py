@@ -33,8 +33,8 @@ from aggregator.store.base import (
     time_cover,
 )
 
-__all__ = ["CohortHealth", "CohortPrivacy", "QueryError", "cohort_health", "cohort_privacy",
-           "list_cohorts", "resolve_range"]
+__all__ = ["CohortHealth", "CohortPrivacy", "MergedCohort", "QueryError", "cohort_health",
+           "cohort_privacy", "list_cohorts", "merged_cohorts", "resolve_range", "resolve_spec"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,36 @@ def _feature_health(feature: FeatureSpec, counts: np.ndarray, merged: Summary,
                                                              PSI_THRESHOLD))
 
 
+@dataclass(frozen=True)
+class MergedCohort:
+    """One cohort's label sets and the merge of their rollups over a range."""
+
+    cohort: Mapping[str, str]
+    label_set_ids: tuple[int, ...]
+    summary: Summary
+
+
+def merged_cohorts(store: Store, spec: Spec, selector: Mapping[str, str],
+                   group_by: Sequence[str], lo: int, hi: int) -> list[MergedCohort]:
+    """Per cohort of the selection (sorted by group key), the merged summary over [lo, hi).
+
+    Cohorts without any rollup in the range are left out."""
+    cover = time_cover(lo, hi, rollup_resolutions(spec.window_length_s))
+    groups = _select(store, spec, selector, group_by)
+    out = []
+    for key in sorted(groups):
+        per_set = store.merged_rollups(spec.hash, (ls.id for ls in groups[key]), cover)
+        if not per_set:
+            continue
+        merged = Summary.zero(spec)
+        for s in per_set.values():
+            merged.merge_in(s)
+        cohort = dict(selector)
+        cohort.update(zip(group_by, key, strict=True))
+        out.append(MergedCohort(cohort, tuple(sorted(per_set)), merged))
+    return out
+
+
 def cohort_health(store: Store, model: str, model_version: str = "",
                   selector: Mapping[str, str] | None = None, group_by: Sequence[str] = (),
                   start: int = 0, end: int = 0, now: float | None = None,
@@ -159,30 +189,20 @@ def cohort_health(store: Store, model: str, model_version: str = "",
     selector = dict(selector or {})
     spec = resolve_spec(store, model, model_version)
     lo, hi = resolve_range(start, end, spec.window_length_s, now)
-    cover = time_cover(lo, hi, rollup_resolutions(spec.window_length_s))
-    groups = _select(store, spec, selector, group_by)
     reference_latency = _reference_latency(spec)
     alpha = ALPHA_FAMILY / max(1, spec.private_histograms)  # per signal
     out = []
-    for key in sorted(groups):
-        members = groups[key]
-        per_set = store.merged_rollups(spec.hash, (ls.id for ls in members), cover)
-        if not per_set:
-            continue
-        merged = Summary.zero(spec)
-        for s in per_set.values():
-            merged.merge_in(s)
+    for mc in merged_cohorts(store, spec, selector, group_by, lo, hi):
+        merged = mc.summary
         p50, p95, p99 = _latency_quantiles_of(merged.latency)
-        cohort = dict(selector)
-        cohort.update(zip(group_by, key, strict=True))
         out.append(CohortHealth(
-            cohort=cohort,
+            cohort=mc.cohort,
             model=spec.model,
             model_version=spec.model_version,
             spec_hash=spec.hash,
             start_unix_s=lo,
             end_unix_s=hi,
-            devices=store.device_count(spec.hash, per_set.keys(), lo, hi),
+            devices=store.device_count(spec.hash, mc.label_set_ids, lo, hi),
             reports=merged.report_count,
             events=merged.event_count,
             errors=merged.error_count,
