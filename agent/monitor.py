@@ -12,6 +12,11 @@
 `observe` never raises into the model's code and does no I/O: it bins the event into the open
 window's accumulator. Closed windows are turned into reports, written to the durable spool and
 uploaded by one background thread (or by `flush()` when `background=False`).
+
+Ground truth arrives later: `observe(..., request_id=rid)` caches the prediction (bounded,
+with a TTL) and `label(rid, y_true)` joins the label with it, counted into the window the
+label arrives in. Idle windows (no event, no label) are reported as heartbeats, so that an
+aggregator can tell a quiet device from a dead one.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from agent.spec import DEVICE_DAY, Spec
 from agent.spool import Spool, SpoolStats
 from agent.summary import Summary
 from agent.upload import Backoff, DeliveryResult, Uploader
-from agent.window import WindowAccumulator, window_start
+from agent.window import CacheEntry, LabelBinner, WindowAccumulator, window_start
 from agent.wire import ReportMeta, report_to_proto, spec_from_proto
 from protos import fleetwatch_pb2 as pb
 
@@ -55,6 +60,7 @@ AGENT_VERSION = "fleetwatch-agent/0.1.0"
 MAX_LABELS = 32
 MAX_LABEL_LEN = 128
 GET_SPEC_METHOD = "/fleetwatch.v1.Ingest/GetSpec"
+MAX_REQUEST_ID_LEN = 256
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,34 @@ class MonitorStats:
     # Under a noisy spec these input-derived counters are not reported: they are kept here.
     invalid_values_kept_local: int = 0
     unknown_features_kept_local: int = 0
+    # Ground truth: labels joined with a cached prediction, labels with no cached prediction
+    # (unknown, expired or evicted request id), predictions dropped from the cache before
+    # their label came (capacity or TTL), and the predictions cached now.
+    labels_joined: int = 0
+    labels_unmatched: int = 0
+    label_cache_evicted: int = 0
+    label_cache_size: int = 0
+    # Heartbeat reports spooled for idle windows (windows_closed counts the other reports).
+    heartbeats: int = 0
+
+
+@dataclass(frozen=True)
+class _Heartbeat:
+    """An idle window to report as a heartbeat."""
+
+    spec: Spec
+    start_unix_s: int
+
+
+def _request_key(request_id: Any) -> str | None:
+    """The cache key of a request id: a string, or an integer as its str(); None otherwise."""
+    if isinstance(request_id, str):
+        key = str(request_id)
+    elif isinstance(request_id, (int, np.integer)) and not isinstance(request_id, bool):
+        key = str(int(request_id))
+    else:
+        return None
+    return key if 0 < len(key) <= MAX_REQUEST_ID_LEN else None
 
 
 def _default_spool_dir(device_id: str) -> pathlib.Path:
@@ -114,6 +148,11 @@ class Monitor:
         grace_s: how long a closed window still takes out-of-order events.
         noise_rng: the source of DP noise (default: the OS's cryptographically secure one;
             inject a seeded source in tests only).
+        label_cache_size: predictions kept for `label()` at most (the oldest are evicted).
+        label_ttl_s: how long a cached prediction waits for its label.
+        heartbeats: report idle windows as heartbeats (from the window this monitor started
+            in; a restarted agent does not claim the windows it was down for).
+        max_heartbeat_windows: heartbeats at most per gap (older idle windows are skipped).
     """
 
     def __init__(
@@ -137,6 +176,10 @@ class Monitor:
         backoff_cap_s: float = 60.0,
         tick_s: float = 1.0,
         noise_rng: RandomSource | None = None,
+        label_cache_size: int = 100_000,
+        label_ttl_s: float = 86400.0,
+        heartbeats: bool = True,
+        max_heartbeat_windows: int = 1440,
     ) -> None:
         if not model or not model_version:
             raise ConfigError("model and model_version must be non-empty")
@@ -146,6 +189,14 @@ class Monitor:
             raise ConfigError("give aggregator='host:port' (or a gRPC channel)")
         if grace_s < 0:
             raise ConfigError("grace_s must not be negative")
+        if not isinstance(label_cache_size, int) or label_cache_size < 1:
+            raise ConfigError(f"label_cache_size must be a positive integer, got "
+                              f"{label_cache_size!r}")
+        if not label_ttl_s > 0:
+            raise ConfigError(f"label_ttl_s must be positive, got {label_ttl_s!r}")
+        if not isinstance(max_heartbeat_windows, int) or max_heartbeat_windows < 1:
+            raise ConfigError(f"max_heartbeat_windows must be a positive integer, got "
+                              f"{max_heartbeat_windows!r}")
         self.model = model
         self.model_version = model_version
         self.device_id = device_id
@@ -188,6 +239,23 @@ class Monitor:
         self._unknown_kept = 0
         self._closed_flag = False
 
+        # Ground truth: request id -> CacheEntry. Insertion order is (about) time order, so
+        # expired entries are evicted lazily from the front.
+        self._label_cache: collections.OrderedDict[str, CacheEntry] = collections.OrderedDict()
+        self._label_cache_size = label_cache_size
+        self._label_ttl_s = float(label_ttl_s)
+        self._label_binner: LabelBinner | None = None
+        self._labels_joined = 0
+        self._labels_unmatched = 0
+        self._label_evicted = 0
+
+        # Heartbeats: the start of the earliest window not yet reported, in memory only.
+        self._heartbeats = heartbeats
+        self._max_heartbeat_windows = max_heartbeat_windows
+        self._started_at = self.clock()
+        self._next_cover: int | None = None
+        self._heartbeat_count = 0
+
         self.spec: Spec | None = None
         if spec is not None:
             self._set_spec(spec if isinstance(spec, Spec) else Spec.load(spec))
@@ -210,6 +278,12 @@ class Monitor:
                             f"monitor for {self.model}/{self.model_version}")
         self.spec = spec
         self.spool.cache_spec(self.model, self.model_version, spec.hash, spec.to_json())
+        self._adopt(spec)
+
+    def _adopt(self, spec: Spec) -> None:
+        self._label_binner = LabelBinner(spec.labels) if spec.labels is not None else None
+        if self._next_cover is None:
+            self._next_cover = window_start(self._started_at, spec.window_length_s)
 
     def _load_spec(self, initial: bool = False) -> bool:
         """Fetch the spec from the aggregator, falling back to the spool's cached copy."""
@@ -227,6 +301,7 @@ class Monitor:
             cached = self.spool.cached_spec(self.model, self.model_version)
             if cached:
                 self.spec = Spec.from_json(cached)
+                self._adopt(self.spec)
                 logger.info("using the cached spec %s (aggregator: %s)", self.spec.hash[:12],
                             reason)
                 return True
@@ -237,33 +312,56 @@ class Monitor:
     # -- the hot path --------------------------------------------------------------------------
 
     def observe(self, features: Mapping[str, Any], prediction: Any = None,
-                latency_ms: float | None = None, error: bool = False) -> None:
-        """Record one prediction. Never raises; problems are counted."""
+                latency_ms: float | None = None, error: bool = False, *,
+                request_id: str | None = None, confidence: float | None = None) -> None:
+        """Record one prediction. Never raises; problems are counted.
+
+        With a `request_id` (and a spec with labels) the prediction is cached for
+        `label(request_id, y_true)`; `confidence` (multiclass) is the probability the model
+        gave its predicted class, for the calibration histogram."""
         try:
             with self._lock:
-                acc, late = self._window_for(self.clock())
+                now = self.clock()
+                acc, late = self._window_for(now)
                 if acc is None:
                     return
                 acc.observe(features, prediction, latency_ms, bool(error), late)
                 self._events += 1
+                if request_id is not None and self._label_binner is not None:
+                    self._cache_prediction(acc, now, request_id, prediction, confidence)
         except Exception as e:  # the model's code must never see our failures
             self._count_internal_error(e)
         if self._closed:
             self._wake.set()
 
     def observe_batch(self, features: Mapping[str, Any], predictions: Any = None,
-                      latency_ms: Any = None, errors: Any = None) -> None:
-        """Record a batch of predictions given as numpy arrays of equal length."""
+                      latency_ms: Any = None, errors: Any = None, *,
+                      request_ids: Any = None, confidences: Any = None) -> None:
+        """Record a batch of predictions given as numpy arrays of equal length.
+
+        `request_ids` (None entries: no label expected) and `confidences` as in `observe`."""
         try:
-            n = self._batch_length(features, predictions, latency_ms, errors)
+            n = self._batch_length(features, predictions, latency_ms, errors, request_ids,
+                                   confidences)
             if n == 0:
                 return
             with self._lock:
-                acc, late = self._window_for(self.clock(), n)
+                now = self.clock()
+                acc, late = self._window_for(now, n)
                 if acc is None:
                     return
                 acc.observe_batch(features, predictions, latency_ms, errors, n, late)
                 self._events += n
+                if request_ids is not None and self._label_binner is not None:
+                    ids = np.asarray(request_ids, dtype=object).reshape(-1)
+                    preds = (np.full(n, None, dtype=object) if predictions is None
+                             else np.asarray(predictions, dtype=object).reshape(-1))
+                    confs = (np.full(n, None, dtype=object) if confidences is None
+                             else np.asarray(confidences, dtype=object).reshape(-1))
+                    for rid, pred, conf in zip(ids.tolist(), preds.tolist(), confs.tolist(),
+                                               strict=True):
+                        if rid is not None:
+                            self._cache_prediction(acc, now, rid, pred, conf)
         except Exception as e:
             self._count_internal_error(e)
         if self._closed:
@@ -271,16 +369,107 @@ class Monitor:
 
     @staticmethod
     def _batch_length(features: Mapping[str, Any], predictions: Any, latency_ms: Any,
-                      errors: Any) -> int:
+                      errors: Any, request_ids: Any = None, confidences: Any = None) -> int:
         lengths = {name: np.shape(v)[0] if np.ndim(v) else 1 for name, v in features.items()}
         for name, v in (("predictions", predictions), ("latency_ms", latency_ms),
-                        ("errors", errors)):
+                        ("errors", errors), ("request_ids", request_ids),
+                        ("confidences", confidences)):
             if v is not None:
                 lengths[name] = np.shape(v)[0] if np.ndim(v) else 1
         distinct = set(lengths.values())
         if len(distinct) > 1:
             raise ValueError(f"arrays differ in length: {lengths}")
         return distinct.pop() if distinct else 0
+
+    # -- ground truth --------------------------------------------------------------------------
+
+    def label(self, request_id: str, y_true: Any) -> bool:
+        """Join a label with the prediction cached for `request_id` (see `observe`).
+
+        Counted into the window of the label's arrival (the clock now): one count in each of
+        the task's label histograms. Returns False (and counts it) when no prediction is
+        cached for the id: unknown, expired, evicted, or already labeled. Never raises."""
+        try:
+            with self._lock:
+                joined = self._label_one(self.clock(), request_id, y_true)
+        except Exception as e:
+            self._count_internal_error(e)
+            return False
+        if self._closed:
+            self._wake.set()
+        return joined
+
+    def label_batch(self, request_ids: Any, y_true: Any) -> int:
+        """`label` for arrays of equal length; returns how many were joined."""
+        try:
+            ids = np.asarray(request_ids, dtype=object).reshape(-1).tolist()
+            ys = np.asarray(y_true, dtype=object).reshape(-1).tolist()
+            if len(ids) != len(ys):
+                raise ValueError(f"request_ids has {len(ids)} entries, y_true {len(ys)}")
+            joined = 0
+            with self._lock:
+                now = self.clock()
+                for rid, y in zip(ids, ys, strict=True):
+                    joined += self._label_one(now, rid, y)
+        except Exception as e:
+            self._count_internal_error(e)
+            return 0
+        if self._closed:
+            self._wake.set()
+        return joined
+
+    def _cache_prediction(self, acc: WindowAccumulator, now: float, request_id: Any,
+                          prediction: Any, confidence: Any) -> None:
+        """Cache a prediction for its label (lock held)."""
+        assert self._label_binner is not None
+        key = _request_key(request_id)
+        if key is None:
+            acc.invalid += 1  # a request id of the wrong type: counted, never cached
+            return
+        cache = self._label_cache
+        self._evict_expired(acc, now)
+        cache.pop(key, None)  # a repeated id: the newer prediction is the one labeled
+        cache[key] = self._label_binner.cache_entry(now, prediction, confidence)
+        if len(cache) > self._label_cache_size:
+            cache.popitem(last=False)
+            self._count_evicted(acc)
+
+    def _evict_expired(self, acc: WindowAccumulator, now: float) -> None:
+        cache, cutoff = self._label_cache, now - self._label_ttl_s
+        while cache:
+            oldest = next(iter(cache.values()))
+            if oldest[0] >= cutoff:
+                return
+            cache.popitem(last=False)
+            self._count_evicted(acc)
+
+    def _count_evicted(self, acc: WindowAccumulator) -> None:
+        """An eviction is reported by the window it happened in."""
+        self._label_evicted += 1
+        acc.label_cache_evicted += 1
+
+    def _label_one(self, now: float, request_id: Any, y_true: Any) -> bool:
+        """Join one label (lock held), or count it unmatched, in the window of `now`."""
+        acc, _late = self._window_for(now) if self.spec is not None else (None, False)
+        binner = self._label_binner
+        key = _request_key(request_id)
+        entry = None
+        if acc is not None and binner is not None and key is not None:
+            self._evict_expired(acc, now)
+            entry = self._label_cache.pop(key, None)
+            if entry is not None and entry[0] < now - self._label_ttl_s:
+                self._count_evicted(acc)  # expired behind a younger one (the clock went back)
+                entry = None
+        if acc is None or binner is None or entry is None:
+            self._labels_unmatched += 1
+            if acc is not None:
+                acc.labels_unmatched += 1
+            return False
+        binner.add(acc, entry, y_true, now)
+        self._labels_joined += 1
+        return True
+
+    # -- windows -------------------------------------------------------------------------------
 
     def _window_for(self, t: float, n: int = 1) -> tuple[WindowAccumulator | None, bool]:
         spec = self.spec
@@ -300,12 +489,41 @@ class Monitor:
         return acc, False
 
     def _close_expired(self, now: float) -> None:
-        """Move windows whose end plus grace has passed to the closed queue (lock held)."""
+        """Move windows whose end plus grace has passed to the closed queue, and heartbeats
+        for the idle windows among them (lock held)."""
         for ws in sorted(self._open):
             acc = self._open[ws]
             if acc.end_unix_s + self.grace_s <= now:
-                del self._open[ws]
-                self._closed.append(acc)
+                self._close(acc)
+        if self.spec is not None:
+            # Every window before the one holding now - grace has ended, grace included.
+            self._cover_until(window_start(now - self.grace_s, self.spec.window_length_s))
+
+    def _close(self, acc: WindowAccumulator) -> None:
+        """Queue an open window's report, after heartbeats for the idle windows before it."""
+        self._cover_until(acc.start_unix_s)
+        del self._open[acc.start_unix_s]
+        self._closed.append(acc)
+        if self._next_cover is not None:
+            self._next_cover = max(self._next_cover, acc.end_unix_s)
+
+    def _cover_until(self, end: int) -> None:
+        """Queue heartbeats for the unreported windows that start before `end` (lock held)."""
+        start, spec = self._next_cover, self.spec
+        if start is None or spec is None or end <= start:
+            return
+        self._next_cover = end
+        if not self._heartbeats:
+            return
+        length = spec.window_length_s
+        idle = (end - start) // length
+        if idle > self._max_heartbeat_windows:
+            logger.warning("no report for %d windows (clock jump or stall since %d): heartbeats "
+                           "for the last %d only", idle, start, self._max_heartbeat_windows)
+            start = end - self._max_heartbeat_windows * length
+        for ws in range(start, end, length):
+            if ws not in self._open:
+                self._closed.append(_Heartbeat(spec, ws))
 
     def _count_internal_error(self, exc: Exception) -> None:
         self._internal_errors += 1
@@ -321,28 +539,44 @@ class Monitor:
             with self._lock:
                 if not self._closed:
                     return
-                acc = self._closed.popleft()
-            summary = acc.to_summary()
-            spec_hash = acc.spec.hash
-            release = self._release(acc, summary)
+                item = self._closed.popleft()
+            heartbeat = isinstance(item, _Heartbeat) or item.idle
+            release: Release | None = None
+            if heartbeat:
+                # No event and no label: no histograms, no latency sketch, no noise, no spend
+                # (an idle window may still have counted unmatched labels and evictions).
+                summary = Summary(features={}, prediction=None, report_count=1,
+                                  heartbeat_count=1)
+                if isinstance(item, WindowAccumulator):
+                    summary.labels_unmatched_count = item.labels_unmatched
+                    summary.label_cache_evicted_count = item.label_cache_evicted
+            else:
+                assert isinstance(item, WindowAccumulator)
+                summary = item.to_summary()
+                release = self._release(item, summary)
+            start, spec = item.start_unix_s, item.spec
 
-            def build(seq: int, dropped: int, acc: WindowAccumulator = acc,
-                      summary: Summary = summary, spec_hash: str = spec_hash,
-                      release: Release | None = release) -> bytes:
+            def build(seq: int, dropped: int, start: int = start, spec: Spec = spec,
+                      summary: Summary = summary, release: Release | None = release,
+                      heartbeat: bool = heartbeat) -> bytes:
                 summary.spool_dropped_count = dropped
                 meta = ReportMeta(
                     device_id=self.device_id, model=self.model, model_version=self.model_version,
-                    labels=self.labels, window_start_unix_s=acc.start_unix_s,
-                    window_length_s=acc.spec.window_length_s, seq=seq, spec_hash=spec_hash,
+                    labels=self.labels, window_start_unix_s=start,
+                    window_length_s=spec.window_length_s, seq=seq, spec_hash=spec.hash,
                     created_unix_ms=int(time.time() * 1000), agent_version=AGENT_VERSION,
                     private_withheld=release is not None and not release.allowed,
                     epsilon_spent=release.epsilon if release else 0.0,
-                    day_epsilon_spent=release.day_epsilon if release else 0.0)
+                    day_epsilon_spent=release.day_epsilon if release else 0.0,
+                    heartbeat=heartbeat)
                 report = report_to_proto(meta, summary).SerializeToString()
                 return pb.ReportEnvelope(report=report).SerializeToString()
 
-            self.spool.enqueue(acc.start_unix_s, build)
-            self._windows_closed += 1
+            self.spool.enqueue(start, build)
+            if heartbeat:
+                self._heartbeat_count += 1
+            else:
+                self._windows_closed += 1
 
     def _release(self, acc: WindowAccumulator, summary: Summary) -> Release | None:
         """Clamp, ask the accountant, and noise the private histograms (None: no noise)."""
@@ -413,15 +647,22 @@ class Monitor:
         if self.spec is None:
             self._load_spec()
         with self._lock:
-            self._closed.extend(self._open[ws] for ws in sorted(self._open))
-            self._open.clear()
+            self._close_expired(self.clock())
+            for ws in sorted(self._open):
+                self._close(self._open[ws])
         self._spool_closed()
         return self._deliver(deadline) is DeliveryResult.EMPTY
 
     def stats(self) -> MonitorStats:
+        with self._lock:
+            cached = len(self._label_cache)
         return MonitorStats(self._events, self._events_without_spec, self._windows_closed,
                             self._internal_errors, self.spool.stats(), self._uploader.last_error,
-                            self._invalid_kept, self._unknown_kept)
+                            self._invalid_kept, self._unknown_kept,
+                            labels_joined=self._labels_joined,
+                            labels_unmatched=self._labels_unmatched,
+                            label_cache_evicted=self._label_evicted,
+                            label_cache_size=cached, heartbeats=self._heartbeat_count)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Flush, stop the background thread and release the spool. Idempotent."""

@@ -2,7 +2,10 @@
 contribution bound, and the accountant that enforces the budget.
 
 Which histograms are private: every feature histogram and the prediction histogram (one event
-touches each of them exactly once). Event counts, error counts and the latency sketch are
+touches each of them exactly once), and the label histograms of the spec's task (confusion,
+calibration, label latency for classifiers; residuals, label latency for regression: one
+label adds at most one count to each, in the window the label arrives in). Event counts,
+error counts, label counts (joined, unmatched, evicted) and the latency sketch are
 operational signals and are released without noise (the privacy contract in docs/privacy.md).
 
 Sensitivity and the noise scale (H private histograms, epsilon per window):
@@ -12,6 +15,9 @@ Sensitivity and the noise scale (H private histograms, epsilon per window):
   bin; for the discrete Gaussian the L2 sensitivity over all H is sqrt(H), sigma^2 = H/(2 rho)
   with rho the zCDP parameter that gives (epsilon, delta). Windows hold disjoint events, so
   the loss per event is epsilon, however many windows there are (parallel composition).
+  H counts the label histograms too: an event whose label arrives in a later window spends
+  (histograms it touched there)/H of epsilon in each window, epsilon in total (for the
+  Gaussian, the rhos of the two windows add up to rho likewise).
 - unit "device-day": a device's events per window are clamped to M (the excess sampled out
   uniformly), so a device changes each histogram by at most M: Laplace scale H*M/epsilon,
   Gaussian sigma^2 = H*M^2/(2 rho). Windows of one day compose: basic composition (epsilons
@@ -95,6 +101,8 @@ def noise_summary(summary: Summary, plan: NoisePlan, rng: noise.RandomSource) ->
     parts = [summary.features[n] for n in names]
     if summary.prediction is not None:
         parts.append(summary.prediction)
+    labels = summary.label_histograms()
+    parts.extend(labels.values())
     if not parts:
         return
     flat = np.concatenate(parts)
@@ -105,14 +113,22 @@ def noise_summary(summary: Summary, plan: NoisePlan, rng: noise.RandomSource) ->
         summary.features[n] = noisy[offset:offset + k]
         offset += k
     if summary.prediction is not None:
-        summary.prediction = noisy[offset:]
+        k = summary.prediction.shape[0]
+        summary.prediction = noisy[offset:offset + k]
+        offset += k
+    for n, counts in labels.items():
+        k = counts.shape[0]
+        setattr(summary, n, noisy[offset:offset + k])
+        offset += k
     summary.noise_variance_per_bin = plan.variance_per_bin
 
 
 def clamp_summary(summary: Summary, max_events: int, rng: np.random.Generator) -> int:
     """Keep at most `max_events` events in every histogram, sampled uniformly without
-    replacement (each histogram's marginal is exactly that of a uniform subsample).
+    replacement (each histogram's marginal is exactly that of a uniform subsample), and at
+    most `max_events` labels in every label histogram likewise (`clamped_label_count`).
     Returns the number of events sampled out."""
+    _clamp_labels(summary, max_events, rng)
     excess = summary.event_count - max_events
     if excess <= 0:
         return 0
@@ -122,6 +138,22 @@ def clamp_summary(summary: Summary, max_events: int, rng: np.random.Generator) -
         summary.prediction = _subsample(summary.prediction, max_events, rng)
     summary.clamped_event_count = excess
     return excess
+
+
+def _clamp_labels(summary: Summary, max_labels: int, rng: np.random.Generator) -> None:
+    labeled = summary.labeled_count
+    excess = labeled - max_labels
+    if excess <= 0:
+        return
+    for n, counts in summary.label_histograms().items():
+        total = int(counts.sum())
+        keep = max_labels
+        if total < labeled:
+            # Calibration counts only the labels that had a score: of a uniform subsample of
+            # max_labels labels, a hypergeometric number of them.
+            keep = int(rng.hypergeometric(total, labeled - total, max_labels))
+        setattr(summary, n, _subsample(counts, keep, rng))
+    summary.clamped_label_count = excess
 
 
 def _subsample(counts: np.ndarray, keep: int, rng: np.random.Generator) -> np.ndarray:

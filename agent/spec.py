@@ -8,6 +8,12 @@ Histogram layouts (shared by reference counts and device reports):
 
 - numeric, edges e_0 < ... < e_m:  [underflow, [e_0,e_1), ..., [e_{m-1},e_m], overflow, missing]
 - categorical, vocabulary v_1..v_k: [v_1, ..., v_k, other, missing]
+
+Label-derived histograms (`LabelSpec`, K classes, B calibration bins):
+
+- confusion: (K+1) x (K+1) counts, row-major [true][predicted]; index K is "other"
+- calibration: [bin_1: outcome 0, bin_1: outcome 1, ..., bin_B: outcome 0, bin_B: outcome 1]
+- residuals (prediction - label) and label latency (seconds): the numeric layout of their edges
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from typing import Any, Literal
 
 from agent.errors import SpecError
 
-__all__ = ["CATEGORICAL", "NUMERIC", "FeatureSpec", "PrivacySpec", "Spec"]
+__all__ = ["BINARY", "CATEGORICAL", "MULTICLASS", "NUMERIC", "REGRESSION", "FeatureSpec",
+           "LabelSpec", "PrivacySpec", "Spec"]
 
 NUMERIC = "numeric"
 CATEGORICAL = "categorical"
@@ -37,6 +44,17 @@ DISCRETE_GAUSSIAN = "discrete_gaussian"
 NO_NOISE = "none"
 UNITS = (EVENT, DEVICE_DAY)
 MECHANISMS = (DISCRETE_LAPLACE, DISCRETE_GAUSSIAN, NO_NOISE)
+
+BINARY = "binary"
+MULTICLASS = "multiclass"
+REGRESSION = "regression"
+TASKS = (BINARY, MULTICLASS, REGRESSION)
+
+DEFAULT_CALIBRATION_EDGES = tuple(i / 10 for i in range(11))
+# Seconds from prediction to label: 1 s to 1 day, roughly log-spaced.
+DEFAULT_LABEL_LATENCY_EDGES = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+                               1800.0, 3600.0, 7200.0, 21600.0, 86400.0)
+MAX_CLASSES = 100  # the confusion matrix grows with the square
 
 MAX_FEATURES = 1000
 MAX_BINS = 1000
@@ -206,6 +224,133 @@ class PrivacySpec:
             raise SpecError("privacy", str(e)) from None
 
 
+def _check_edges(where: str, edges: tuple[float, ...]) -> None:
+    if len(edges) < 2:
+        raise SpecError(where, "needs at least 2 edges")
+    if len(edges) > MAX_BINS:
+        raise SpecError(where, f"at most {MAX_BINS} edges")
+    if not all(math.isfinite(e) for e in edges):
+        raise SpecError(where, "edges must be finite")
+    if any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+        raise SpecError(where, "edges must be strictly increasing")
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """Ground truth: how joined labels are summarized (see `Monitor.label`).
+
+    task: "binary" (a numeric score in [0, 1] is the probability of classes[1]; a score at or
+    above `threshold` predicts it), "multiclass" (the prediction names a class; an optional
+    confidence feeds calibration) or "regression" (numeric prediction and label; the
+    residual prediction - label is binned into `residual_edges`). Label latency (seconds
+    from prediction to label) is binned into `latency_edges` for every task.
+    """
+
+    task: str
+    classes: tuple[str, ...] = ()
+    threshold: float = 0.5
+    calibration_edges: tuple[float, ...] = DEFAULT_CALIBRATION_EDGES
+    residual_edges: tuple[float, ...] = ()
+    latency_edges: tuple[float, ...] = DEFAULT_LABEL_LATENCY_EDGES
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+            object.__setattr__(self, "threshold", float(self.threshold))
+            for name in ("calibration_edges", "residual_edges", "latency_edges"):
+                object.__setattr__(self, name, tuple(float(e) for e in getattr(self, name)))
+        except (TypeError, ValueError) as e:
+            raise SpecError("labels", str(e)) from None
+        if self.task not in TASKS:
+            raise SpecError("labels.task", f"must be one of {', '.join(TASKS)}, got "
+                            f"{self.task!r}")
+        _check_edges("labels.latency_edges", self.latency_edges)
+        if self.latency_edges[0] < 0:
+            raise SpecError("labels.latency_edges", "label latencies are not negative: the "
+                            "first edge must be at least 0")
+        if self.task == REGRESSION:
+            if self.classes:
+                raise SpecError("labels.classes", "a regression task has no classes")
+            # Calibration is a classifier's: a regression spec carries none (so the default
+            # edges do not end up in its canonical form).
+            object.__setattr__(self, "calibration_edges", ())
+            _check_edges("labels.residual_edges", self.residual_edges)
+            return
+        if self.residual_edges:
+            raise SpecError("labels.residual_edges", "residuals are for the regression task")
+        if any(not c or len(c) > MAX_NAME_LEN for c in self.classes):
+            raise SpecError("labels.classes", f"class names must be 1-{MAX_NAME_LEN} "
+                            "characters")
+        if len(set(self.classes)) != len(self.classes):
+            raise SpecError("labels.classes", "class names must be distinct")
+        if self.task == BINARY and len(self.classes) != 2:
+            raise SpecError("labels.classes", "a binary task needs exactly 2 classes (the "
+                            f"second is the positive one), got {len(self.classes)}")
+        if self.task == MULTICLASS and not 2 <= len(self.classes) <= MAX_CLASSES:
+            raise SpecError("labels.classes", f"a multiclass task needs 2-{MAX_CLASSES} "
+                            f"classes, got {len(self.classes)}")
+        if not (math.isfinite(self.threshold) and 0 <= self.threshold <= 1):
+            raise SpecError("labels.threshold", f"must be in [0, 1], got {self.threshold}")
+        _check_edges("labels.calibration_edges", self.calibration_edges)
+        if self.calibration_edges[0] != 0 or self.calibration_edges[-1] != 1:
+            raise SpecError("labels.calibration_edges", "probability edges must run from 0 "
+                            "to 1")
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.task != REGRESSION
+
+    @property
+    def confusion_length(self) -> int:
+        """(K+1)^2: true x predicted, with "other" as the last class (0 for regression)."""
+        return (len(self.classes) + 1) ** 2 if self.is_classifier else 0
+
+    @property
+    def calibration_length(self) -> int:
+        """Two outcomes per probability bin (0 for regression)."""
+        return 2 * (len(self.calibration_edges) - 1) if self.is_classifier else 0
+
+    @property
+    def residuals_length(self) -> int:
+        """The numeric layout: [under, bins.., over, missing] (0 for classifiers)."""
+        return 0 if self.is_classifier else len(self.residual_edges) + 2
+
+    @property
+    def label_latency_length(self) -> int:
+        return len(self.latency_edges) + 2
+
+    @property
+    def histograms(self) -> tuple[str, ...]:
+        """Names (as in Summary and WindowReport) of the histograms this task releases; one
+        label adds at most one count to each."""
+        if self.is_classifier:
+            return ("confusion", "calibration", "label_latency")
+        return ("residuals", "label_latency")
+
+    def histogram_length(self, name: str) -> int:
+        return int(getattr(self, f"{name}_length"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "classes": list(self.classes), "threshold": self.threshold,
+                "calibration_edges": list(self.calibration_edges),
+                "residual_edges": list(self.residual_edges),
+                "latency_edges": list(self.latency_edges)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LabelSpec:
+        if not isinstance(d, Mapping):
+            raise SpecError("labels", "must be an object")
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise SpecError("labels", f"unknown keys {sorted(unknown)}")
+        if "task" not in d:
+            raise SpecError("labels.task", "missing")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise SpecError("labels", str(e)) from None
+
+
 @dataclass(frozen=True)
 class Spec:
     """A versioned monitoring spec for one model version."""
@@ -219,6 +364,7 @@ class Spec:
     reference_rows: int = 0
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
     created_unix_s: int = field(default=0, compare=False)
+    labels: LabelSpec | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", tuple(self.features))
@@ -233,14 +379,24 @@ class Spec:
             raise SpecError("features", f"at most {MAX_FEATURES} features")
         if not isinstance(self.privacy, PrivacySpec):
             raise SpecError("privacy", "must be a PrivacySpec")
+        if self.labels is not None and not isinstance(self.labels, LabelSpec):
+            raise SpecError("labels", "must be a LabelSpec or None")
         names = [f.name for f in self.features]
         if len(set(names)) != len(names):
             raise SpecError("features", "feature names must be distinct")
 
     @property
     def private_histograms(self) -> int:
-        """How many histograms one event touches: every feature, and the prediction."""
-        return len(self.features) + (1 if self.prediction is not None else 0)
+        """How many histograms one event touches: every feature, the prediction, and the
+        label histograms of its task (its label may arrive in a later window).
+
+        With the event unit the window's epsilon is split equally over all of them. One
+        prediction puts its features and prediction into the window W1 it was observed in,
+        and its label (one count per label histogram) into the window W2 the label arrived
+        in: each histogram it touches costs epsilon / H, and it touches each one once, so
+        its total loss is at most epsilon whether W1 and W2 are the same window or not."""
+        labels = len(self.labels.histograms) if self.labels is not None else 0
+        return len(self.features) + (1 if self.prediction is not None else 0) + labels
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -255,7 +411,7 @@ class Spec:
     # -- canonical form and identity ---------------------------------------------------------
 
     def _content(self) -> dict[str, Any]:
-        return {
+        content: dict[str, Any] = {
             "model": self.model,
             "model_version": self.model_version,
             "features": [f.to_dict() for f in self.features],
@@ -265,6 +421,9 @@ class Spec:
             "reference_rows": self.reference_rows,
             "privacy": self.privacy.to_dict(),
         }
+        if self.labels is not None:  # absent otherwise, so label-free specs keep their hash
+            content["labels"] = self.labels.to_dict()
+        return content
 
     def canonical_bytes(self) -> bytes:
         """The form the hash is taken over: sorted keys, no whitespace, shortest float repr."""
@@ -311,6 +470,7 @@ class Spec:
             reference_rows=int(d.get("reference_rows", 0)),
             privacy=PrivacySpec.from_dict(d["privacy"]) if "privacy" in d else PrivacySpec(),
             created_unix_s=int(d.get("created_unix_s", 0)),
+            labels=LabelSpec.from_dict(d["labels"]) if d.get("labels") is not None else None,
         )
         claimed = d.get("hash")
         if claimed and claimed != spec.hash:

@@ -3,6 +3,9 @@
 A `Summary` is a monoid: `Summary.zero(spec)` is the identity and `merge` adds counts and merges
 the latency sketch, so device -> aggregator and region -> centre use the same code. Summaries
 of different specs are never merged (their histograms do not line up).
+
+Label-derived histograms (`confusion`, `calibration`, `residuals`, `label_latency`) are present
+exactly when the spec's `LabelSpec` task has them, and None otherwise.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from datasketches import kll_floats_sketch
 
 from agent.spec import Spec
 
-__all__ = ["KLL_K", "Summary", "empty_kll"]
+__all__ = ["KLL_K", "LABEL_HISTOGRAMS", "Summary", "empty_kll"]
 
 KLL_K = 200  # normalized rank error ~1.33% (single rank), ~1.65% (pmf)
 
@@ -30,7 +33,15 @@ _COUNTERS = (
     "histogram_event_count",
     "clamped_event_count",
     "noise_variance_per_bin",
+    "labeled_count",
+    "heartbeat_count",
+    "labels_unmatched_count",
+    "label_cache_evicted_count",
+    "clamped_label_count",
+    "label_histogram_count",
 )
+
+LABEL_HISTOGRAMS = ("confusion", "calibration", "residuals", "label_latency")
 
 
 def empty_kll() -> kll_floats_sketch:
@@ -57,14 +68,34 @@ class Summary:
     clamped_event_count: int = 0
     # Per-bin variance of the DP noise in the histograms (variances of independent noise add).
     noise_variance_per_bin: float = 0.0
+    # Ground truth, counted in the window the label arrived in (layouts in agent.spec).
+    labeled_count: int = 0
+    confusion: np.ndarray | None = None
+    calibration: np.ndarray | None = None
+    residuals: np.ndarray | None = None
+    label_latency: np.ndarray | None = None
+    heartbeat_count: int = 0
+    labels_unmatched_count: int = 0
+    label_cache_evicted_count: int = 0
+    clamped_label_count: int = 0
+    # Labels the label histograms cover: released reports' labels less those clamped away.
+    label_histogram_count: int = 0
 
     @classmethod
     def zero(cls, spec: Spec) -> Summary:
-        return cls(
+        out = cls(
             features={f.name: np.zeros(f.histogram_length, np.int64) for f in spec.features},
             prediction=(np.zeros(spec.prediction.histogram_length, np.int64)
                         if spec.prediction else None),
         )
+        if spec.labels is not None:
+            for name in spec.labels.histograms:
+                setattr(out, name, np.zeros(spec.labels.histogram_length(name), np.int64))
+        return out
+
+    def label_histograms(self) -> dict[str, np.ndarray]:
+        """The label histograms present, by name, in LABEL_HISTOGRAMS order."""
+        return {n: getattr(self, n) for n in LABEL_HISTOGRAMS if getattr(self, n) is not None}
 
     def merge(self, other: Summary) -> Summary:
         """A new summary holding both; neither input changes."""
@@ -88,6 +119,14 @@ class Summary:
             if self.prediction.shape != other.prediction.shape:
                 raise ValueError("cannot merge summaries: prediction bins differ")
             self.prediction = self.prediction + other.prediction
+        for name in LABEL_HISTOGRAMS:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if (mine is None) != (theirs is None):
+                raise ValueError(f"cannot merge summaries of different specs ({name} differs)")
+            if mine is not None and theirs is not None:
+                if mine.shape != theirs.shape:
+                    raise ValueError(f"cannot merge summaries: {name} bins differ")
+                setattr(self, name, mine + theirs)
         if not other.latency.is_empty():
             self.latency.merge(other.latency)
         for name in _COUNTERS:
@@ -102,6 +141,8 @@ class Summary:
             prediction=None if self.prediction is None else self.prediction.copy(),
             latency=lat,
             **{name: getattr(self, name) for name in _COUNTERS},
+            **{name: None if getattr(self, name) is None else getattr(self, name).copy()
+               for name in LABEL_HISTOGRAMS},
         )
 
     def __eq__(self, other: object) -> bool:
@@ -113,8 +154,15 @@ class Summary:
             and ((self.prediction is None and other.prediction is None)
                  or (self.prediction is not None and other.prediction is not None
                      and np.array_equal(self.prediction, other.prediction)))
+            and all(_same(getattr(self, n), getattr(other, n)) for n in LABEL_HISTOGRAMS)
             and self.latency.n == other.latency.n
             and all(getattr(self, n) == getattr(other, n) for n in _COUNTERS)
         )
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return bool(np.array_equal(a, b))

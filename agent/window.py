@@ -2,22 +2,33 @@
 
 The per-event path keeps plain Python lists of counts and a latency buffer (no numpy call per
 event); closing the window turns them into a frozen-in-spirit `Summary`.
+
+Ground truth: the Monitor caches what `LabelBinner.cache_entry` makes of a prediction, and
+when its label arrives `WindowAccumulator.add_label` counts the pair into the window of the
+label's arrival (one count in each of the task's label histograms).
 """
 
 from __future__ import annotations
 
 import math
 from array import array
+from bisect import bisect_right
 from collections.abc import Mapping
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
 
-from agent.binning import make_binner
-from agent.spec import Spec
+from agent.binning import NumericBinner, make_binner
+from agent.spec import BINARY, MULTICLASS, NUMERIC, FeatureSpec, LabelSpec, Spec
 from agent.summary import Summary, empty_kll
 
-__all__ = ["WindowAccumulator", "window_start"]
+__all__ = ["CacheEntry", "LabelBinner", "WindowAccumulator", "window_start"]
+
+# What the label cache keeps per request: (observation time, prediction, confidence), the
+# prediction already reduced to what the task needs (binary: the score; multiclass: the class
+# index; regression: the value), NaN where it was not a usable number.
+CacheEntry = tuple[float, float, float]
 
 _ABSENT = object()
 # The latency sketch holds float32: larger values would become inf, which ingest refuses.
@@ -46,6 +57,98 @@ def _latency_array(latency_ms: Any) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
+def _number(value: Any) -> float:
+    """A real number as float, NaN for anything else (bools included: not a score)."""
+    if type(value) is float or type(value) is int:
+        return float(value)
+    if isinstance(value, Real) and not isinstance(value, (bool, np.bool_)):
+        try:
+            return float(value)
+        except (OverflowError, TypeError, ValueError):
+            return math.nan
+    return math.nan
+
+
+class LabelBinner:
+    """Maps a (cached prediction, label) pair to bins of the task's label histograms."""
+
+    __slots__ = ("_cal_edges", "_cal_bins", "_index", "_latency", "_residuals", "k", "spec")
+
+    def __init__(self, spec: LabelSpec) -> None:
+        self.spec = spec
+        self.k = len(spec.classes)  # index k is "other"
+        self._index = {c: i for i, c in enumerate(spec.classes)}
+        self._cal_edges = list(spec.calibration_edges)
+        self._cal_bins = max(0, len(self._cal_edges) - 1)
+        self._latency = NumericBinner(FeatureSpec("label_latency", NUMERIC,
+                                                  edges=spec.latency_edges))
+        self._residuals = (None if spec.is_classifier else
+                           NumericBinner(FeatureSpec("residuals", NUMERIC,
+                                                     edges=spec.residual_edges)))
+
+    def _predicted_class(self, value: Any) -> int:
+        # Like the categorical binner: strings by name, integers by their str().
+        if isinstance(value, str):
+            return self._index.get(str(value), self.k)
+        if isinstance(value, Integral) and not isinstance(value, (bool, np.bool_)):
+            return self._index.get(str(value), self.k)
+        return self.k
+
+    def true_class(self, y: Any) -> int:
+        """A label's class index: the class name, or bool / 0 / 1 meaning classes[int(y)]
+        (an integer is looked up by its str() first); anything else is "other" (k)."""
+        if isinstance(y, str):
+            return self._index.get(str(y), self.k)
+        if isinstance(y, (bool, np.bool_)):
+            return int(y)
+        if isinstance(y, Integral):
+            i = self._index.get(str(y))
+            if i is not None:
+                return i
+        if isinstance(y, Real) and (y == 0 or y == 1):
+            return int(y)
+        return self.k
+
+    def cache_entry(self, t: float, prediction: Any, confidence: Any) -> CacheEntry:
+        task = self.spec.task
+        if task == MULTICLASS:
+            conf = math.nan if confidence is None else _number(confidence)
+            return (t, float(self._predicted_class(prediction)), conf)
+        return (t, _number(prediction), math.nan)
+
+    def _calibration_bin(self, p: float) -> int:
+        p = min(1.0, max(0.0, p))
+        return min(bisect_right(self._cal_edges, p) - 1, self._cal_bins - 1)
+
+    def add(self, acc: WindowAccumulator, entry: CacheEntry, y_true: Any, now: float) -> None:
+        t, pred, conf = entry
+        task = self.spec.task
+        if task == BINARY or task == MULTICLASS:
+            k1 = self.k + 1
+            truth = self.true_class(y_true)
+            if task == BINARY:
+                predicted = self.k if pred != pred else int(pred >= self.spec.threshold)
+                score, outcome = pred, int(truth == 1)
+            else:
+                predicted = int(pred)
+                # An "other" prediction is never counted correct: it names no known class.
+                score, outcome = conf, int(predicted == truth != self.k)
+            acc.confusion[truth * k1 + predicted] += 1
+            if score == score:  # NaN (no score, no confidence): no calibration count
+                acc.calibration[2 * self._calibration_bin(score) + outcome] += 1
+        else:
+            assert self._residuals is not None
+            y = _number(y_true)
+            if y_true is not None and (not isinstance(y_true, Real)
+                                       or isinstance(y_true, (bool, np.bool_))):
+                acc.invalid += 1  # a label of the wrong type (counted missing)
+            i, _ = self._residuals.index(pred - y)
+            acc.residuals[i] += 1
+        i, _ = self._latency.index(now - t)
+        acc.label_latency[i] += 1
+        acc.labeled += 1
+
+
 class WindowAccumulator:
     """Accumulates events of one window. Not thread-safe: the Monitor holds the lock."""
 
@@ -68,6 +171,14 @@ class WindowAccumulator:
         self.late = 0
         self.invalid = 0
         self.unknown = 0
+        self.labeled = 0
+        self.labels_unmatched = 0
+        self.label_cache_evicted = 0
+        ls = spec.labels
+        self.confusion = [0] * ls.confusion_length if ls else []
+        self.calibration = [0] * ls.calibration_length if ls else []
+        self.residuals = [0] * ls.residuals_length if ls else []
+        self.label_latency = [0] * ls.label_latency_length if ls else []
 
     # -- one event ---------------------------------------------------------------------------
 
@@ -161,7 +272,7 @@ class WindowAccumulator:
         prediction = None
         if self._pred_batch is not None:
             prediction = self._pred_batch + np.asarray(self._pred_counts, np.int64)
-        return Summary(
+        summary = Summary(
             features=features,
             prediction=prediction,
             latency=self._latency,
@@ -171,4 +282,16 @@ class WindowAccumulator:
             late_event_count=self.late,
             invalid_value_count=self.invalid,
             unknown_feature_count=self.unknown,
+            labels_unmatched_count=self.labels_unmatched,
+            label_cache_evicted_count=self.label_cache_evicted,
         )
+        if self.spec.labels is not None:
+            summary.labeled_count = self.labeled
+            for name in self.spec.labels.histograms:
+                setattr(summary, name, np.asarray(getattr(self, name), np.int64))
+        return summary
+
+    @property
+    def idle(self) -> bool:
+        """No event and no label: the window's report is a heartbeat."""
+        return self.events == 0 and self.labeled == 0

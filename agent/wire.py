@@ -11,18 +11,22 @@ from datasketches import kll_floats_sketch
 
 from agent.errors import SpecError
 from agent.spec import (
+    BINARY,
     CATEGORICAL,
     DEVICE_DAY,
     DISCRETE_GAUSSIAN,
     DISCRETE_LAPLACE,
     EVENT,
+    MULTICLASS,
     NO_NOISE,
     NUMERIC,
+    REGRESSION,
     FeatureSpec,
+    LabelSpec,
     PrivacySpec,
     Spec,
 )
-from agent.summary import Summary, empty_kll
+from agent.summary import LABEL_HISTOGRAMS, Summary, empty_kll
 from protos import fleetwatch_pb2 as pb
 
 _deserialize_kll = kll_floats_sketch.deserialize
@@ -45,6 +49,14 @@ _MECH_TO_PB = {DISCRETE_LAPLACE: pb.NOISE_MECHANISM_DISCRETE_LAPLACE,
                DISCRETE_GAUSSIAN: pb.NOISE_MECHANISM_DISCRETE_GAUSSIAN,
                NO_NOISE: pb.NOISE_MECHANISM_NONE}
 _MECH_FROM_PB = {v: k for k, v in _MECH_TO_PB.items()}
+_TASK_TO_PB = {BINARY: pb.LABEL_TASK_BINARY, MULTICLASS: pb.LABEL_TASK_MULTICLASS,
+               REGRESSION: pb.LABEL_TASK_REGRESSION}
+_TASK_FROM_PB = {v: k for k, v in _TASK_TO_PB.items()}
+# Counters a WindowReport and a Summary both carry, under the same names.
+_SHARED_COUNTERS = ("event_count", "error_count", "late_event_count", "invalid_value_count",
+                    "unknown_feature_count", "spool_dropped_count", "clamped_event_count",
+                    "labeled_count", "labels_unmatched_count", "label_cache_evicted_count",
+                    "clamped_label_count")
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,8 @@ class ReportMeta:
     private_withheld: bool = False
     epsilon_spent: float = 0.0
     day_epsilon_spent: float = 0.0
+    # An idle window's report: no histograms, no latencies (availability only).
+    heartbeat: bool = False
 
 
 # -- spec ----------------------------------------------------------------------------------------
@@ -98,6 +112,21 @@ def _privacy_from_proto(m: pb.PrivacySpec) -> PrivacySpec:
                        max_events_per_window=m.max_events_per_window)
 
 
+def _labels_to_proto(ls: LabelSpec) -> pb.LabelSpec:
+    return pb.LabelSpec(task=_TASK_TO_PB[ls.task], classes=ls.classes, threshold=ls.threshold,
+                        calibration_edges=ls.calibration_edges,
+                        residual_edges=ls.residual_edges, latency_edges=ls.latency_edges)
+
+
+def _labels_from_proto(m: pb.LabelSpec) -> LabelSpec:
+    if m.task not in _TASK_FROM_PB:
+        raise SpecError("labels.task", f"unknown label task {m.task}")
+    return LabelSpec(task=_TASK_FROM_PB[m.task], classes=tuple(m.classes),
+                     threshold=m.threshold, calibration_edges=tuple(m.calibration_edges),
+                     residual_edges=tuple(m.residual_edges),
+                     latency_edges=tuple(m.latency_edges))
+
+
 def spec_to_proto(spec: Spec) -> pb.Spec:
     msg = pb.Spec(
         model=spec.model,
@@ -112,6 +141,8 @@ def spec_to_proto(spec: Spec) -> pb.Spec:
     )
     if spec.prediction is not None:
         msg.prediction.CopyFrom(_feature_to_proto(spec.prediction))
+    if spec.labels is not None:
+        msg.labels.CopyFrom(_labels_to_proto(spec.labels))
     return msg
 
 
@@ -129,6 +160,7 @@ def spec_from_proto(msg: pb.Spec) -> Spec:
         privacy=(_privacy_from_proto(msg.privacy) if msg.HasField("privacy")
                  else PrivacySpec()),
         created_unix_s=msg.created_unix_s,
+        labels=_labels_from_proto(msg.labels) if msg.HasField("labels") else None,
     )
     if msg.hash and msg.hash != spec.hash:
         raise SpecError("hash", f"claimed {msg.hash}, content hashes to {spec.hash}")
@@ -143,39 +175,36 @@ def _fill_summary(msg: pb.WindowReport | pb.Summary, s: Summary) -> None:
                                                 histogram=pb.Histogram(counts=counts.tolist())))
     if s.prediction is not None:
         msg.prediction.counts.extend(s.prediction.tolist())
+    for name, counts in s.label_histograms().items():
+        getattr(msg, name).counts.extend(counts.tolist())
     msg.latency_kll = s.latency.serialize()
-    msg.event_count = s.event_count
-    msg.error_count = s.error_count
-    msg.late_event_count = s.late_event_count
-    msg.invalid_value_count = s.invalid_value_count
-    msg.unknown_feature_count = s.unknown_feature_count
-    msg.spool_dropped_count = s.spool_dropped_count
-    msg.clamped_event_count = s.clamped_event_count
+    for name in _SHARED_COUNTERS:
+        setattr(msg, name, getattr(s, name))
 
 
 def _read_summary(msg: pb.WindowReport | pb.Summary, report_count: int,
                   load_kll: Callable[[bytes], kll_floats_sketch]) -> Summary:
-    return Summary(
+    s = Summary(
         # np.array over a slice: ~5x faster than np.asarray on a protobuf repeated field
         features={f.name: np.array(f.histogram.counts[:], dtype=np.int64) for f in msg.features},
         prediction=(np.array(msg.prediction.counts[:], dtype=np.int64)
                     if msg.HasField("prediction") else None),
         latency=load_kll(msg.latency_kll) if msg.latency_kll else empty_kll(),
         report_count=report_count,
-        event_count=msg.event_count,
-        error_count=msg.error_count,
-        late_event_count=msg.late_event_count,
-        invalid_value_count=msg.invalid_value_count,
-        unknown_feature_count=msg.unknown_feature_count,
-        spool_dropped_count=msg.spool_dropped_count,
-        clamped_event_count=msg.clamped_event_count,
+        **{name: getattr(msg, name) for name in _SHARED_COUNTERS},
     )
+    for name in LABEL_HISTOGRAMS:
+        if msg.HasField(name):
+            setattr(s, name, np.array(getattr(msg, name).counts[:], dtype=np.int64))
+    return s
 
 
 def summary_to_proto(s: Summary) -> pb.Summary:
     msg = pb.Summary(report_count=s.report_count, noise_variance_per_bin=s.noise_variance_per_bin,
                      withheld_report_count=s.withheld_report_count,
-                     histogram_event_count=s.histogram_event_count)
+                     histogram_event_count=s.histogram_event_count,
+                     heartbeat_count=s.heartbeat_count,
+                     label_histogram_count=s.label_histogram_count)
     _fill_summary(msg, s)
     return msg
 
@@ -188,6 +217,8 @@ def summary_from_proto(msg: pb.Summary,
     s.noise_variance_per_bin = msg.noise_variance_per_bin
     s.withheld_report_count = msg.withheld_report_count
     s.histogram_event_count = msg.histogram_event_count
+    s.heartbeat_count = msg.heartbeat_count
+    s.label_histogram_count = msg.label_histogram_count
     return s
 
 
@@ -208,11 +239,16 @@ def report_to_proto(meta: ReportMeta, summary: Summary) -> pb.WindowReport:
         private_withheld=meta.private_withheld,
         epsilon_spent=meta.epsilon_spent,
         day_epsilon_spent=meta.day_epsilon_spent,
+        heartbeat=meta.heartbeat,
     )
     _fill_summary(msg, summary)
-    if meta.private_withheld:  # nothing private leaves the device
+    if meta.private_withheld or meta.heartbeat:  # nothing private leaves the device
         del msg.features[:]
         msg.ClearField("prediction")
+        for name in LABEL_HISTOGRAMS:
+            msg.ClearField(name)
+    if meta.heartbeat:  # no latencies either: an idle window sends no sketch bytes
+        msg.latency_kll = b""
     return msg
 
 
@@ -234,9 +270,14 @@ def report_from_proto(msg: pb.WindowReport,
         private_withheld=msg.private_withheld,
         epsilon_spent=msg.epsilon_spent,
         day_epsilon_spent=msg.day_epsilon_spent,
+        heartbeat=msg.heartbeat,
     )
     summary = _read_summary(msg, 1, load_kll)
     summary.withheld_report_count = int(msg.private_withheld)
+    summary.heartbeat_count = int(msg.heartbeat)
+    released = not (msg.private_withheld or msg.heartbeat)
     summary.histogram_event_count = (
-        0 if msg.private_withheld else max(0, msg.event_count - msg.clamped_event_count))
+        max(0, msg.event_count - msg.clamped_event_count) if released else 0)
+    summary.label_histogram_count = (
+        max(0, msg.labeled_count - msg.clamped_label_count) if released else 0)
     return meta, summary

@@ -23,12 +23,21 @@ Reference counts are exact, in the layouts of `agent.spec`. Categorical vocabula
 value) and cut to ``top_k``. The latency reference is a serialized `kll_floats_sketch`; when it
 would compact, its retained items are chosen deterministically (see `_derandomize_kll`).
 
+Ground truth: with a label column and a prediction column the spec gets a `LabelSpec`. The task
+is given or inferred: a numeric prediction in [0, 1] with a two-valued label is binary (classes
+the two label values sorted, the positive one second: "1", "true", "yes", "pos" or "positive"
+when present, else the larger); a categorical prediction is multiclass (classes the label's
+top-K vocabulary); a numeric prediction of a numeric label with more than two values is
+regression, with `RESIDUAL_BINS` equal-width residual bins over +-the 99.9th percentile of
+|prediction - label| on the reference, rounded up to two significant digits.
+
 The same data, in any row order, gives the same `Spec.hash`.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import numbers
@@ -49,7 +58,20 @@ from datasketches import (
 )
 
 from agent.errors import ConfigError, SpecError
-from agent.spec import CATEGORICAL, MAX_BINS, NUMERIC, FeatureSpec, PrivacySpec, Spec
+from agent.spec import (
+    BINARY,
+    CATEGORICAL,
+    MAX_BINS,
+    MAX_CLASSES,
+    MULTICLASS,
+    NUMERIC,
+    REGRESSION,
+    TASKS,
+    FeatureSpec,
+    LabelSpec,
+    PrivacySpec,
+    Spec,
+)
 
 __all__ = [
     "BaselineOptions",
@@ -69,6 +91,11 @@ PathLike = str | os.PathLike[str]
 CONSTANT_BIN_WIDTH = 1e-9
 # Cell texts read as NaN in a numeric CSV column (compared after strip() and lower()).
 _NAN_TOKENS = frozenset({"", "nan", "na"})
+# Regression: equal-width residual bins over +-the 99.9th percentile of |residual|.
+RESIDUAL_BINS = 40
+RESIDUAL_QUANTILE = 0.999
+# Binary: label values taken as the positive class (compared after lower()).
+_POSITIVE_NAMES = ("1", "true", "yes", "pos", "positive")
 
 
 @dataclass(frozen=True)
@@ -395,6 +422,92 @@ def _latency_reference(name: str, values: np.ndarray, k: int) -> bytes:
     return _derandomize_kll(raw, items)
 
 
+# -- ground truth -----------------------------------------------------------------------------
+
+
+def _round_up_2sig(x: float) -> float:
+    """x rounded up to two significant digits (so the residual edges are short and stable)."""
+    if not (math.isfinite(x) and x > 0):
+        return 1.0
+    step = 10.0 ** (math.floor(math.log10(x)) - 1)
+    return float(f"{math.ceil(x / step - 1e-9) * step:.2g}")
+
+
+def _binary_classes(label: str, values: np.ndarray) -> tuple[str, str]:
+    keys = sorted({k for k in map(_category, values) if k is not None})
+    if len(keys) != 2:
+        raise ConfigError(f"label column {label!r}: a binary task needs exactly 2 distinct "
+                          f"label values, got {len(keys)} ({', '.join(keys[:5])})")
+    positive = [k for k in keys if k.strip().lower() in _POSITIVE_NAMES]
+    if len(positive) == 1:
+        neg = keys[0] if keys[1] == positive[0] else keys[1]
+        return neg, positive[0]
+    try:  # numbers: the larger is positive
+        a, b = sorted(keys, key=float)
+        return a, b
+    except ValueError:
+        return keys[0], keys[1]
+
+
+def _residual_edges(label: str, prediction: np.ndarray, values: np.ndarray) -> tuple[float, ...]:
+    residual = prediction - values
+    residual = np.abs(residual[np.isfinite(residual)])
+    if residual.size == 0:
+        raise ConfigError(f"label column {label!r}: no row has both a numeric prediction and "
+                          "a numeric label")
+    # The quantile as the baseline computes them (an item, not an interpolation): exact and
+    # independent of row order.
+    top = float(np.sort(residual)[min(int(RESIDUAL_QUANTILE * residual.size),
+                                      residual.size - 1)])
+    half = _round_up_2sig(top)
+    edges = np.linspace(-half, half, RESIDUAL_BINS + 1)
+    return tuple(float(f"{e:.12g}") for e in edges)
+
+
+def _label_spec(label: str, values: np.ndarray, prediction: FeatureSpec,
+                pred_values: np.ndarray, label_categorical: bool, task: str | None,
+                options: BaselineOptions) -> LabelSpec:
+    """The ground truth part of the spec, its task given or inferred (see the module doc)."""
+    label_numeric = values.dtype.kind == "f" and not label_categorical
+    distinct = {k for k in map(_category, values) if k is not None}
+    if task is None:
+        finite = pred_values[np.isfinite(pred_values)] if prediction.type == NUMERIC else None
+        if prediction.type == CATEGORICAL:
+            task = MULTICLASS
+        elif (finite is not None and finite.size and finite.min() >= 0 and finite.max() <= 1
+              and len(distinct) == 2):
+            task = BINARY
+        elif label_numeric and len(distinct) > 2:
+            task = REGRESSION
+        else:
+            raise ConfigError(f"label column {label!r}: cannot tell the task from the data "
+                              f"(prediction {prediction.type}, {len(distinct)} distinct labels); "
+                              f"give it (--task {{{','.join(TASKS)}}})")
+    try:
+        if task == BINARY:
+            if prediction.type != NUMERIC:
+                raise ConfigError(f"a binary task needs a numeric score as the prediction; "
+                                  f"{prediction.name!r} is categorical")
+            return LabelSpec(BINARY, classes=_binary_classes(label, values))
+        if task == MULTICLASS:
+            if prediction.type != CATEGORICAL:
+                raise ConfigError(f"a multiclass task needs a categorical prediction (the "
+                                  f"class); {prediction.name!r} is numeric (name it as "
+                                  "categorical)")
+            vocab = _categorical_feature(label, values, dataclasses.replace(
+                options, top_k=min(options.top_k, MAX_CLASSES))).vocabulary
+            return LabelSpec(MULTICLASS, classes=vocab)
+        if task == REGRESSION:
+            if prediction.type != NUMERIC or not label_numeric:
+                raise ConfigError("a regression task needs a numeric prediction and a numeric "
+                                  "label")
+            return LabelSpec(REGRESSION,
+                             residual_edges=_residual_edges(label, pred_values, values))
+    except SpecError as e:
+        raise ConfigError(f"label column {label!r}: {e}") from e
+    raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+
+
 # -- spec -------------------------------------------------------------------------------------
 
 
@@ -409,8 +522,12 @@ def build_spec_from_columns(
     categorical: Iterable[str] = (),
     options: BaselineOptions = BaselineOptions(),
     progress: Progress | None = None,
+    task: str | None = None,
 ) -> Spec:
     """Build a spec from reference columns (equal lengths, one entry per row).
+
+    With `label_col` and `prediction_col`, the spec summarizes ground truth for `task`
+    ("binary", "multiclass", "regression"; None: inferred, see the module doc).
 
     float/int columns (and object columns holding only numbers and missing values) are
     numeric; str/object/bool columns, and those named in `categorical`, are categorical.
@@ -476,8 +593,19 @@ def build_spec_from_columns(
         raise ConfigError(f"no feature columns left: every column is a prediction, label or "
                           f"latency column ({', '.join(map(repr, arrays))})")
     prediction = summarize(prediction_col) if prediction_col is not None else None
-    if label_col is not None:
-        report(f"{label_col}: label, not summarized")
+    labels = None
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if label_col is not None and prediction is not None and prediction_col is not None:
+        labels = _label_spec(label_col, arrays[label_col], prediction, arrays[prediction_col],
+                             label_col in forced, task, options)
+        what = (f"{len(labels.classes)} classes" if labels.is_classifier
+                else f"{len(labels.residual_edges) - 1} residual bins")
+        report(f"{label_col}: label, {labels.task} ({what})")
+    elif task is not None:
+        raise ConfigError("a task needs both a label column and a prediction column")
+    elif label_col is not None:
+        report(f"{label_col}: label, not summarized (no prediction column to join it with)")
     latency = b""
     if latency_col is not None:
         latency = _latency_reference(latency_col, arrays[latency_col], options.kll_k)
@@ -493,6 +621,7 @@ def build_spec_from_columns(
             reference_rows=n_rows,
             privacy=options.privacy,
             created_unix_s=int(time.time()),
+            labels=labels,
         )
     except SpecError as e:
         raise ConfigError(str(e)) from e
@@ -512,6 +641,7 @@ def build_spec_from_csv(
     categorical: Iterable[str] = (),
     options: BaselineOptions = BaselineOptions(),
     progress: Progress | None = None,
+    task: str | None = None,
 ) -> Spec:
     """Build a spec from a CSV file with a header row (see `read_csv_columns`).
 
@@ -525,7 +655,7 @@ def build_spec_from_csv(
         return build_spec_from_columns(
             columns, model=model, model_version=model_version, prediction_col=prediction_col,
             label_col=label_col, latency_col=latency_col, categorical=forced, options=options,
-            progress=progress,
+            progress=progress, task=task,
         )
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e

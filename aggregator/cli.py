@@ -1,7 +1,8 @@
 """The `fleetwatch` command line: parse options, call the library, print, map errors to exit codes.
 
 Exit codes: 0 success, 1 an operation failed (unreachable aggregator, refused request),
-2 bad usage or input (argparse's convention).
+2 bad usage or input (argparse's convention), 3 the canary gate failed (`compare`: the candidate
+is significantly worse on a metric named in --fail-on).
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ from agent.errors import ConfigError, FleetwatchError, SpecError
 from agent.spec import PrivacySpec, Spec
 from agent.wire import spec_to_proto
 from aggregator.render import (
+    alerts_json,
+    alerts_table,
+    compare_failures,
+    compare_json,
+    compare_tables,
+    compare_tests,
+    fairness_json,
+    fairness_table,
     health_json,
     health_tables,
     privacy_json,
@@ -48,6 +57,10 @@ workflows:
   ask               fleetwatch health --aggregator 127.0.0.1:7070 --model M --by region
                     fleetwatch cohorts --aggregator 127.0.0.1:7070 --model M
                     fleetwatch privacy --aggregator 127.0.0.1:7070 --model M --by region
+  alert             fleetwatch serve --db fleet.db --rules alerts.toml --webhook URL
+                    fleetwatch alerts --aggregator 127.0.0.1:7070 --state firing
+  gate a rollout    fleetwatch compare --aggregator 127.0.0.1:7070 --model M --baseline 1 \
+                        --candidate 2 --by region --fail-on latency_p95_ms,error_rate
 
 Run `fleetwatch COMMAND --help` for the options of each command.
 """
@@ -119,16 +132,45 @@ def _rpc(what: str, call: Callable[[], object], target: str) -> object:
 def cmd_serve(ns: argparse.Namespace) -> int:
     from aggregator.server import AggregatorConfig, serve
 
-    config = AggregatorConfig(db=ns.db, listen=ns.listen, workers=ns.workers)
+    config = AggregatorConfig(
+        db=ns.db, listen=ns.listen, workers=ns.workers, rules_path=ns.rules,
+        webhooks=tuple(ns.webhook or ()), external_url=ns.external_url or "",
+        alert_lateness_s=(parse_duration(ns.alert_lateness) if ns.alert_lateness is not None
+                          else None),
+        alert_idle_flush_s=parse_duration(ns.alert_idle_flush))
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with serve(config) as running:
+    with serve(config) as running:  # a bad rule file raises here: exit code 2
+        previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
         host = ns.listen.rsplit(":", 1)[0]
         print(f"fleetwatch aggregator listening on {host}:{running.port} (db {ns.db}); "
               "Ctrl-C stops it", flush=True)
-        stop.wait()
+        if running.alerts is not None:
+            r = running.alerts.rules
+            print(f"alerting: {len(r.rules)} rules and {len(r.slos)} SLOs from {ns.rules}, "
+                  f"{len(config.webhooks)} webhooks", flush=True)
+        try:
+            stop.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         print("stopping", flush=True)
+    return 0
+
+
+def cmd_alerts(ns: argparse.Namespace) -> int:
+    if ns.resolved < 0:
+        raise UsageError(f"--resolved: must be >= 0, got {ns.resolved}")
+    request = pb.ListAlertsRequest(model=ns.model or "", state=ns.state or "",
+                                   resolved_limit=ns.resolved)
+    with _channel(ns.aggregator) as channel:
+        stub = pb_grpc.QueryStub(channel)
+        resp = _rpc("alerts", lambda: stub.ListAlerts(request, timeout=ns.timeout),
+                    ns.aggregator)
+    if ns.json:
+        print(json.dumps(alerts_json(resp), indent=2))  # type: ignore[arg-type]
+    else:
+        print(alerts_table(resp, color=use_color()))  # type: ignore[arg-type]
     return 0
 
 
@@ -138,7 +180,9 @@ def _health_request(ns: argparse.Namespace) -> pb.CohortHealthRequest:
     group_by = [k.strip() for value in (ns.by or []) for k in value.split(",") if k.strip()]
     return pb.CohortHealthRequest(model=ns.model, model_version=ns.model_version or "",
                                   selector=_selector(ns.cohort), group_by=group_by,
-                                  start_unix_s=start, end_unix_s=end)
+                                  start_unix_s=start, end_unix_s=end,
+                                  # health only; the privacy command shares this request
+                                  fairness_key=(getattr(ns, "fairness_key", None) or "").strip())
 
 
 def _cohort_query(ns: argparse.Namespace, what: str, method: str,
@@ -157,7 +201,22 @@ def _cohort_query(ns: argparse.Namespace, what: str, method: str,
 
 
 def cmd_health(ns: argparse.Namespace) -> int:
-    return _cohort_query(ns, "health", "CohortHealth", health_json, health_tables)
+    request = _health_request(ns)
+    if not request.fairness_key:
+        return _cohort_query(ns, "health", "CohortHealth", health_json, health_tables)
+    with _channel(ns.aggregator) as channel:
+        stub = pb_grpc.QueryStub(channel)
+        resp = _rpc("health", lambda: stub.CohortHealth(request, timeout=ns.timeout),
+                    ns.aggregator)
+    cohorts = list(resp.cohorts)  # type: ignore[attr-defined]
+    fairness = resp.fairness  # type: ignore[attr-defined]
+    if ns.json:  # an object, not the bare list: docs/health-json.md
+        print(json.dumps({"cohorts": health_json(cohorts), "fairness": fairness_json(fairness)},
+                         indent=2))
+    else:
+        color = use_color()
+        print(health_tables(cohorts, color=color) + "\n\n" + fairness_table(fairness, color))
+    return 0
 
 
 def cmd_privacy(ns: argparse.Namespace) -> int:
@@ -183,6 +242,62 @@ def cmd_cohorts(ns: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_GATE_FAILED = 3
+# What --fail-on may name, besides psi:FEATURE and psi:* (aggregator/compare.py).
+FAIL_ON_METRICS = ("error_rate", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms",
+                   "accuracy", "prediction_psi")
+
+
+def _fail_on(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    valid = ", ".join(FAIL_ON_METRICS) + ", psi:FEATURE, psi:*"
+    if not names:
+        raise UsageError(f"--fail-on: name at least one metric ({valid})")
+    for n in names:
+        if n not in FAIL_ON_METRICS and not (n.startswith("psi:") and len(n) > 4):
+            raise UsageError(f"--fail-on: unknown metric {n!r} (valid: {valid})")
+    return names
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    fail_on = _fail_on(ns.fail_on)
+    if not 0 < ns.alpha < 1:
+        raise UsageError(f"--alpha must be in (0, 1), got {ns.alpha:g}")
+    if ns.baseline == ns.candidate:
+        raise UsageError(f"--candidate is the --baseline version {ns.baseline!r} itself")
+    end = _parse_time(ns.until) if ns.until else int(time.time())
+    start = end - int(parse_duration(ns.since))
+    group_by = [k.strip() for value in (ns.by or []) for k in value.split(",") if k.strip()]
+    request = pb.CompareRequest(model=ns.model, baseline_version=ns.baseline,
+                                candidate_version=ns.candidate, selector=_selector(ns.cohort),
+                                group_by=group_by, start_unix_s=start, end_unix_s=end,
+                                alpha=ns.alpha)
+    with _channel(ns.aggregator) as channel:
+        stub = pb_grpc.QueryStub(channel)
+        resp: pb.CompareResponse = _rpc(  # type: ignore[assignment]
+            "compare", lambda: stub.CompareVersions(request, timeout=ns.timeout), ns.aggregator)
+    # psi:FEATURE can only be checked against the specs, i.e. against what came back.
+    seen = {m.metric for c in resp.cohorts for m in c.metrics}
+    unknown = [n for n in fail_on if n.startswith("psi:") and n != "psi:*" and n not in seen]
+    if resp.cohorts and unknown:
+        features = sorted(m[4:] for m in seen if m.startswith("psi:"))
+        raise UsageError(f"--fail-on: no feature {unknown[0][4:]!r} in either version's spec "
+                         f"(features: {', '.join(features) or 'none'})")
+    options = {"baseline_version": ns.baseline, "candidate_version": ns.candidate,
+               "alpha": ns.alpha, "fail_on": fail_on}
+    if ns.json:
+        print(json.dumps(compare_json(resp, model=ns.model, **options), indent=2))
+    else:
+        print(compare_tables(resp, color=use_color(), **options))
+    if compare_failures(resp, fail_on):
+        return EXIT_GATE_FAILED
+    if not compare_tests(resp):
+        print("fleetwatch compare: error: no cohort has data of both versions in the range: "
+              "nothing was compared", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_baseline_build(ns: argparse.Namespace) -> int:
     from aggregator.baseline import BaselineOptions, build_spec_from_csv
 
@@ -199,7 +314,7 @@ def cmd_baseline_build(ns: argparse.Namespace) -> int:
     spec = build_spec_from_csv(ns.data, model=ns.model, model_version=ns.model_version,
                                prediction_col=ns.prediction_col, label_col=ns.label_col,
                                latency_col=ns.latency_col, categorical=categorical,
-                               options=options, progress=progress)
+                               options=options, progress=progress, task=ns.task)
     spec.save(ns.out)
     print(f"wrote {ns.out}: {len(spec.features)} features from {spec.reference_rows} rows, "
           f"spec hash {spec.hash[:16]}")
@@ -239,7 +354,11 @@ def cmd_spec_show(ns: argparse.Namespace) -> int:
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
-    from aggregator.demo import DemoOptions, run_demo
+    from aggregator.demo import DEMO_RULES, DemoOptions, run_demo
+
+    if ns.print_rules:
+        print(DEMO_RULES, end="")
+        return 0
 
     def progress(msg: str) -> None:
         print(f"[demo] {msg}", file=sys.stderr, flush=True)
@@ -248,9 +367,15 @@ def cmd_demo(ns: argparse.Namespace) -> int:
                           workdir=ns.workdir, keep=ns.workdir is not None)
     result = run_demo(options, progress)
     if ns.json:
-        print(json.dumps(health_json(result.cohorts), indent=2))
+        print(json.dumps({"cohorts": health_json(result.cohorts),
+                          "alerts": alerts_json(result.alerts)}, indent=2))
         return 0
-    print(health_tables(result.cohorts, color=use_color()))
+    color = use_color()
+    print(health_tables(result.cohorts, color=color))
+    firing = pb.ListAlertsResponse(rules_loaded=True,
+                                   alerts=[a for a in result.alerts.alerts if a.state == "firing"])
+    print("\nalerts firing at the end (the rules: fleetwatch demo --print-rules):")
+    print(alerts_table(firing, color=color) if firing.alerts else "  none")
     cfg = result.config
     print(f"\n{result.truth.events:,} events from {cfg.devices} devices over {cfg.minutes} "
           f"simulated minutes, {result.elapsed_s:.1f} s. Injected:")
@@ -313,7 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None,
                    help="keep the database and spools in this directory (default: a temporary "
                    "directory, deleted afterwards)")
-    p.add_argument("--json", action="store_true", help="print cohort health as JSON")
+    p.add_argument("--json", action="store_true",
+                   help='print {"cohorts": [cohort health], "alerts": {alerts}} as JSON')
+    p.add_argument("--print-rules", action="store_true",
+                   help="print the alert rules the demo's aggregator runs, and exit")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="run the aggregator (gRPC ingest and query)",
@@ -323,15 +451,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gRPC listen address, loopback only until TLS lands "
                    "(default: %(default)s; port 0 picks a free one)")
     p.add_argument("--workers", type=int, default=8, help="RPC worker threads (default: 8)")
+    g = p.add_argument_group("alerting (docs/alerts.md)")
+    g.add_argument("--rules", metavar="FILE",
+                   help="alert rules (TOML), validated at start; without it no alerts")
+    g.add_argument("--webhook", action="append", metavar="URL",
+                   help="POST Alertmanager-compatible notifications here (repeatable)")
+    g.add_argument("--external-url", metavar="URL",
+                   help="this aggregator's URL for operators: externalURL and generatorURL "
+                   "in notifications")
+    g.add_argument("--alert-lateness", metavar="DUR", default=None,
+                   help="how far behind the newest window start a window closes "
+                   "(default: one window length)")
+    g.add_argument("--alert-idle-flush", metavar="DUR", default="30s",
+                   help="after this long (wall clock) without reports, evaluate the last "
+                   "windows too (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("alerts", help="alerts and SLO error budgets of a running aggregator",
+                       description="Pending, firing and recently resolved alerts, the error "
+                       "budget left per SLO and cohort, and how far rules were evaluated.")
+    _client_args(p, model=False)
+    p.add_argument("--model", default="", help="only this model (default: every model)")
+    p.add_argument("--state", choices=["pending", "firing", "resolved"],
+                   help="only alerts in this state")
+    p.add_argument("--resolved", type=int, default=20, metavar="N",
+                   help="resolved alerts to show at most, newest first (default: %(default)s)")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON object (schema: docs/alerts.md)")
+    p.set_defaults(func=cmd_alerts)
+
     p = sub.add_parser("health", help="cohort health: volume, errors, latency, drift",
-                       description="Per cohort: devices, events, error rate, latency "
-                       "p50/p95/p99, and per feature PSI, Jensen-Shannon distance, KS and "
-                       "Wasserstein against the spec's reference.")
+                       description="Per cohort: devices and availability, events, error "
+                       "rate, latency p50/p95/p99, per feature PSI, Jensen-Shannon distance, KS "
+                       "and Wasserstein against the spec's reference, and, when devices send "
+                       "ground truth, accuracy/F1/calibration (or MAE/RMSE) and label latency.")
     _client_args(p)
     _cohort_args(p, since="1h", json_help="print a JSON list of cohort objects (schema: "
-                 "docs/health-json.md)")
+                 "docs/health-json.md); with --fairness-key, an object {cohorts, fairness}")
+    p.add_argument("--fairness-key", default="", metavar="KEY",
+                   help="also show the largest gaps in accuracy and positive rate between the "
+                   "values of this label key, e.g. region")
     p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("privacy", help="privacy budget per cohort: spend, withholding devices",
@@ -347,6 +506,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_cohorts)
 
+    p = sub.add_parser(
+        "compare", help="the canary gate: two model versions side by side, per cohort",
+        description="Per cohort (the --by values present for either version): events, "
+        "devices, error rate, latency p50/p95/p99, accuracy (with labels) and each feature's "
+        "drift for the baseline and the candidate version, the difference, its p-value and "
+        "whether it is significant; the family-wise error over all tests is held at --alpha "
+        "(Bonferroni). See docs/compare.md. Exit codes: 0 pass; 1 the query failed, or no "
+        "cohort has data of both versions; 2 bad usage; 3 the candidate is significantly worse "
+        "on a metric named in --fail-on (stop the rollout).")
+    _client_args(p, model=False)
+    p.add_argument("--model", required=True, help="model name")
+    p.add_argument("--baseline", required=True, metavar="V", help="the version running now")
+    p.add_argument("--candidate", required=True, metavar="V", help="the version under test")
+    _cohort_args(p, "1h", "print a JSON object (schema: docs/compare.md)")
+    p.add_argument("--alpha", type=float, default=0.01, metavar="A",
+                   help="family-wise false-alarm level over all comparisons (default: "
+                   "%(default)s)")
+    p.add_argument("--fail-on", default="latency_p95_ms,error_rate,accuracy", metavar="M,...",
+                   help="fail (exit 3) when the candidate is significantly worse on one of "
+                   f"these: {', '.join(FAIL_ON_METRICS)}, psi:FEATURE, psi:* "
+                   "(default: %(default)s)")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("baseline", help="build a spec from reference data")
     bsub = p.add_subparsers(dest="baseline_command", metavar="ACTION", required=True)
     b = bsub.add_parser("build", help="sketch a CSV into bins, vocabularies and references",
@@ -357,7 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", required=True)
     b.add_argument("--model-version", required=True)
     b.add_argument("--prediction-col", help="column holding the model's output")
-    b.add_argument("--label-col", help="column holding ground truth (not a feature)")
+    b.add_argument("--label-col", help="column holding ground truth (not a feature); with "
+                   "--prediction-col the spec summarizes labels joined by Monitor.label")
+    b.add_argument("--task", choices=["binary", "multiclass", "regression"],
+                   help="what the labels measure (default: inferred: a score in [0, 1] with "
+                   "two label values is binary, a categorical prediction multiclass, a "
+                   "numeric prediction of a many-valued numeric label regression)")
     b.add_argument("--latency-col", help="column holding latencies in ms (reference latency)")
     b.add_argument("--categorical", metavar="COL,...",
                    help="treat these columns as categorical even if they look numeric")

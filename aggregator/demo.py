@@ -6,10 +6,13 @@
 Starts an aggregator (in a child process, as in production: ingest then runs on its own core)
 on a free loopback port with a fresh SQLite file, builds a spec from generated reference data,
 registers it over gRPC, runs a simulated fleet (see `aggregator.simulator`: 200 devices in 8
-region x hardware cohorts over 30 simulated minutes, with covariate drift in one cohort and a
-latency incident in another) whose last window ends at the current wall-clock minute, then asks
-the aggregator over gRPC for the health of every cohort over exactly the simulated range and
-renders the table. Progress goes to a callback (the CLI prints it); nothing here prints.
+region x hardware cohorts over 30 simulated minutes, with covariate drift and wrong answers in
+one cohort and a latency incident in another, ground-truth labels arriving minutes late) whose
+last window ends at the current wall-clock minute, then asks the aggregator over gRPC for the
+health of every cohort over exactly the simulated range and renders the table. The aggregator
+runs the alert rules of `DEMO_RULES` on every closed window (event time); once it has evaluated
+the last one, the demo lists the alerts. Progress goes to a callback (the CLI prints it);
+nothing here prints.
 
 The throwaway files live in RAM (/dev/shm) when it exists; see `_scratch_parent`.
 """
@@ -40,6 +43,7 @@ from aggregator.render import health_tables
 from aggregator.server import AggregatorConfig, serve
 from aggregator.simulator import (
     CATEGORICAL_FEATURES,
+    LABEL_COLUMN,
     LATENCY_COLUMN,
     MINUTE_S,
     PREDICTION_COLUMN,
@@ -53,7 +57,7 @@ from aggregator.simulator import (
 from protos import fleetwatch_pb2 as pb
 from protos import fleetwatch_pb2_grpc as pb_grpc
 
-__all__ = ["GROUP_BY", "DemoOptions", "DemoResult", "fleet_config", "run_demo",
+__all__ = ["DEMO_RULES", "GROUP_BY", "DemoOptions", "DemoResult", "fleet_config", "run_demo",
            "serve_until_stdin_closes"]
 
 logger = logging.getLogger(__name__)
@@ -66,6 +70,60 @@ RPC_TIMEOUT_S = 30.0
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 SHM_DIR = "/dev/shm"
+RULES_NAME = "rules.toml"
+ALERT_WAIT_S = 60.0
+# The demo's fleet is done when its last report is in: evaluate the last windows 1 s later.
+DEMO_IDLE_FLUSH_S = 1.0
+
+# The rules the demo's aggregator runs (docs/alerts.md). Thresholds sit far from the clean
+# cohorts' values (p95 ~45-60 ms, accuracy ~0.78, error rate 0.5 %) so that only the injected
+# incidents fire. Drift is judged over 5 minutes and accuracy over 15, where one minute of 25
+# devices under privacy noise is too little to tell: over 15 minutes a cohort's accuracy has a
+# noise sd of ~0.03 (two confusion cells of sd ~380 over ~16,000 labels), so 0.68 is 3 sd
+# below the clean cohorts' and 3 sd above the drifted one's (~0.58).
+DEMO_RULES = """\
+[[rule]]
+name = "latency-p95"
+metric = "latency_p95_ms"
+op = ">"
+threshold = 150
+clear = 120
+for = "3m"
+by = ["region", "hw"]
+severity = "page"
+summary = "p95 latency above 150 ms"
+runbook = "https://runbooks.example/fleetwatch/latency"
+
+[[rule]]
+name = "feature-drift"
+metric = "drifting:*"
+op = ">="
+threshold = 1
+for = "5m"
+over = "5m"
+by = ["region", "hw"]
+severity = "ticket"
+summary = "input features drift from the reference"
+
+[[rule]]
+name = "accuracy"
+metric = "accuracy"
+op = "<"
+threshold = 0.68
+clear = 0.7
+for = "3m"
+over = "15m"
+by = ["region", "hw"]
+severity = "ticket"
+summary = "accuracy below 68 % against late ground truth"
+
+[[slo]]
+name = "errors"
+metric = "error_rate"
+objective = "< 0.02"
+target = 0.99
+by = ["region", "hw"]
+"""
 
 
 @dataclass(frozen=True)
@@ -104,6 +162,7 @@ class DemoResult:
     """The aggregator's answer, the rendered table and what the fleet really observed."""
 
     cohorts: list[pb.CohortHealth]
+    alerts: pb.ListAlertsResponse
     table: str
     truth: FleetTruth
     spec: Spec
@@ -125,23 +184,27 @@ def fleet_config(options: DemoOptions) -> FleetConfig:
                                seed=options.seed, drift=drift, incident=incident)
 
 
-def serve_until_stdin_closes(db: str) -> None:
+def serve_until_stdin_closes(db: str, rules: str | None = None) -> None:
     """Entry point of the demo's aggregator process.
 
-    Serves on a free loopback port, writes the port number as one line to stdout, and stops
-    when stdin reaches end of file (the demo closed it, or the demo process died).
+    Serves on a free loopback port (with the alert rules in the file `rules`, if given),
+    writes the port number as one line to stdout, and stops when stdin reaches end of file
+    (the demo closed it, or the demo process died).
     """
     logging.basicConfig(level=logging.WARNING, format="aggregator: %(levelname)s %(message)s")
     # The demo reports the address itself; the loopback-without-TLS notice is expected here.
     logging.getLogger("aggregator.server").setLevel(logging.ERROR)
-    with serve(AggregatorConfig(db=db, listen="127.0.0.1:0")) as agg:
+    config = AggregatorConfig(db=db, listen="127.0.0.1:0", rules_path=rules,
+                              alert_idle_flush_s=DEMO_IDLE_FLUSH_S)
+    with serve(config) as agg:
         sys.stdout.write(f"{agg.port}\n")
         sys.stdout.flush()
         sys.stdin.read()
 
 
 @contextlib.contextmanager
-def _aggregator_process(db: pathlib.Path) -> Iterator[str]:
+def _aggregator_process(db: pathlib.Path,
+                        rules: pathlib.Path | None = None) -> Iterator[str]:
     """Run an aggregator in a child process and yield its "host:port".
 
     A process of its own (its own interpreter, so its own GIL) lets ingest run on one core
@@ -150,8 +213,11 @@ def _aggregator_process(db: pathlib.Path) -> Iterator[str]:
     env = dict(os.environ)
     root = str(pathlib.Path(__file__).resolve().parents[1])  # so the child imports this tree
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    code = "import sys; from aggregator.demo import serve_until_stdin_closes as s; s(sys.argv[1])"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(db)], stdin=subprocess.PIPE,
+    code = ("import sys; from aggregator.demo import serve_until_stdin_closes as s; "
+            "s(*sys.argv[1:])")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(db),
+                             *([str(rules)] if rules is not None else [])],
+                            stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, env=env, text=True)
     assert proc.stdout is not None and proc.stdin is not None
     try:
@@ -205,6 +271,24 @@ def _workdir(options: DemoOptions) -> tuple[pathlib.Path, bool]:
     return options.workdir, False
 
 
+def _alerts_after(stub: pb_grpc.QueryStub, spec: Spec, end: int,
+                  report: Progress) -> pb.ListAlertsResponse:
+    """The aggregator's alerts once its rules have been evaluated on every window up to `end`
+    (the last windows wait for the idle flush: DEMO_IDLE_FLUSH_S after the last report)."""
+    report("waiting for the alert rules to reach the last window")
+    key = f"{spec.model}/{spec.model_version}"
+    deadline = time.monotonic() + ALERT_WAIT_S
+    while True:
+        resp = stub.ListAlerts(pb.ListAlertsRequest(model=spec.model), timeout=RPC_TIMEOUT_S)
+        if resp.evaluated_until.get(key, 0) >= end:
+            return resp
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the alert rules were evaluated up to "
+                               f"{resp.evaluated_until.get(key, 0)}, not {end}, within "
+                               f"{ALERT_WAIT_S:.0f} s")
+        time.sleep(0.2)
+
+
 def run_demo(options: DemoOptions = DemoOptions(),
              progress: Progress | None = None) -> DemoResult:
     """Run the demo end to end (see the module docstring); progress messages go to `progress`.
@@ -223,14 +307,16 @@ def run_demo(options: DemoOptions = DemoOptions(),
     kept: pathlib.Path | None = workdir
     try:
         db = workdir / DB_NAME
-        with _aggregator_process(db) as target:
+        rules = workdir / RULES_NAME
+        rules.write_text(DEMO_RULES)
+        with _aggregator_process(db, rules) as target:
             report(f"started aggregator on {target} (database {db})")
             report(f"building spec from {options.reference_rows:,} reference rows")
             columns = reference_columns(options.reference_rows, options.seed)
             spec = build_spec_from_columns(
                 columns, model=config.model, model_version=config.model_version,
                 prediction_col=PREDICTION_COLUMN, latency_col=LATENCY_COLUMN,
-                categorical=tuple(CATEGORICAL_FEATURES))
+                label_col=LABEL_COLUMN, categorical=tuple(CATEGORICAL_FEATURES))
             with grpc.insecure_channel(target) as channel:
                 pushed = pb_grpc.AdminStub(channel).PushSpec(spec_to_proto(spec),
                                                              timeout=RPC_TIMEOUT_S)
@@ -248,6 +334,7 @@ def run_demo(options: DemoOptions = DemoOptions(),
                                            group_by=list(GROUP_BY), start_unix_s=start,
                                            end_unix_s=end),
                     timeout=RPC_TIMEOUT_S)
+                alerts = _alerts_after(pb_grpc.QueryStub(channel), spec, end, report)
             cohorts = list(response.cohorts)
         table = health_tables(cohorts, color=False)
         elapsed = time.perf_counter() - t0
@@ -258,6 +345,7 @@ def run_demo(options: DemoOptions = DemoOptions(),
             kept = None
     if kept is not None:
         report(f"files kept in {kept}")
-    return DemoResult(cohorts=cohorts, table=table, truth=truth, spec=spec, target=target,
-                      start_unix_s=start, end_unix_s=end, elapsed_s=elapsed, workdir=kept,
+    return DemoResult(cohorts=cohorts, alerts=alerts, table=table, truth=truth, spec=spec,
+                      target=target, start_unix_s=start, end_unix_s=end, elapsed_s=elapsed,
+                      workdir=kept,
                       config=config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+from collections.abc import Callable
 
 from google.protobuf.message import DecodeError
 
@@ -35,11 +36,17 @@ class UnknownSpec(IngestRejected):
 
 
 class Ingestor:
-    """Validates and merges reports into a Store; counts what it accepts and refuses."""
+    """Validates and merges reports into a Store; counts what it accepts and refuses.
 
-    def __init__(self, store: Store, limits: Limits = Limits()) -> None:
+    ``on_accepted(spec_hash, window_start)`` is called after each accepted report's commit
+    (the alert evaluator's watermark); it must be cheap, and its errors are logged, not raised.
+    """
+
+    def __init__(self, store: Store, limits: Limits = Limits(),
+                 on_accepted: Callable[[str, int], None] | None = None) -> None:
         self.store = store
         self.limits = limits
+        self.on_accepted = on_accepted
         self._specs: dict[str, Spec] = {}
         self._lock = threading.Lock()
         self.accepted = 0
@@ -89,4 +96,9 @@ class Ingestor:
                 self.duplicates += 1
             else:
                 self.accepted += 1
+        if outcome is IngestOutcome.ACCEPTED and self.on_accepted is not None:
+            try:
+                self.on_accepted(meta.spec_hash, meta.window_start_unix_s)
+            except Exception:  # the report is stored: a hook's bug must not fail the RPC
+                logger.exception("on_accepted hook failed")
         return outcome

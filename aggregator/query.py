@@ -25,7 +25,9 @@ from aggregator.significance import (
     insufficient_data,
     is_drifting,
 )
+from aggregator.slis import PROTO_FIELDS, FairnessDelta, LabelSLIs, fairness_delta, label_slis
 from aggregator.store.base import (
+    DAY_S,
     LabelSet,
     PrivacyStats,
     Store,
@@ -33,8 +35,9 @@ from aggregator.store.base import (
     time_cover,
 )
 
-__all__ = ["CohortHealth", "CohortPrivacy", "MergedCohort", "QueryError", "cohort_health",
-           "cohort_privacy", "list_cohorts", "merged_cohorts", "resolve_range", "resolve_spec"]
+__all__ = ["CohortHealth", "CohortPrivacy", "MergedCohort", "QueryError", "cohort_fairness",
+           "cohort_health", "cohort_privacy", "list_cohorts", "merged_cohorts", "resolve_range",
+           "resolve_spec"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,12 @@ class FeatureHealth:
 
 @dataclass(frozen=True)
 class CohortHealth:
+    """One cohort's SLIs and drift over a range.
+
+    The ground-truth SLIs live in `ground_truth` and read as attributes of the health, too
+    (`health.accuracy`, `health.label_latency_p95_s`, ...: the CohortHealth proto's names),
+    so code that maps a metric name to a value needs no special case for them."""
+
     cohort: Mapping[str, str]
     model: str
     model_version: str
@@ -89,6 +98,21 @@ class CohortHealth:
     withheld_reports: int = 0
     histogram_events: int = 0
     noise_sd_per_bin: float = 0.0
+    # Devices that reported in the range (heartbeats count) over those that reported in the
+    # day before its end (NaN when none did).
+    devices_last_day: int = 0
+    availability: float = math.nan
+    heartbeats: int = 0
+    ground_truth: LabelSLIs = field(default_factory=LabelSLIs)
+
+    def __getattr__(self, name: str) -> object:
+        # Only called when normal lookup fails: the ground-truth fields, flat.
+        if name in _GROUND_TRUTH_FIELDS:
+            return getattr(self.ground_truth, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+_GROUND_TRUTH_FIELDS = frozenset(PROTO_FIELDS)
 
 
 def resolve_spec(store: Store, model: str, model_version: str = "") -> Spec:
@@ -155,8 +179,10 @@ class MergedCohort:
     """One cohort's label sets and the merge of their rollups over a range."""
 
     cohort: Mapping[str, str]
-    label_set_ids: tuple[int, ...]
+    label_set_ids: tuple[int, ...]   # the label sets with data in the range
     summary: Summary
+    # Every label set of the cohort, with data in the range or not (availability's "last day").
+    member_ids: tuple[int, ...] = ()
 
 
 def merged_cohorts(store: Store, spec: Spec, selector: Mapping[str, str],
@@ -176,7 +202,8 @@ def merged_cohorts(store: Store, spec: Spec, selector: Mapping[str, str],
             merged.merge_in(s)
         cohort = dict(selector)
         cohort.update(zip(group_by, key, strict=True))
-        out.append(MergedCohort(cohort, tuple(sorted(per_set)), merged))
+        out.append(MergedCohort(cohort, tuple(sorted(per_set)), merged,
+                                tuple(sorted(ls.id for ls in groups[key]))))
     return out
 
 
@@ -192,9 +219,14 @@ def cohort_health(store: Store, model: str, model_version: str = "",
     reference_latency = _reference_latency(spec)
     alpha = ALPHA_FAMILY / max(1, spec.private_histograms)  # per signal
     out = []
+    # Availability's denominator: the day before the range's end, or the whole range when it
+    # is longer (so that a device counted above is always counted below: availability <= 1).
+    day_lo = min(lo, hi - DAY_S)
     for mc in merged_cohorts(store, spec, selector, group_by, lo, hi):
         merged = mc.summary
         p50, p95, p99 = _latency_quantiles_of(merged.latency)
+        devices = store.device_count(spec.hash, mc.label_set_ids, lo, hi)
+        last_day = store.device_count(spec.hash, mc.member_ids, day_lo, hi)
         out.append(CohortHealth(
             cohort=mc.cohort,
             model=spec.model,
@@ -202,7 +234,7 @@ def cohort_health(store: Store, model: str, model_version: str = "",
             spec_hash=spec.hash,
             start_unix_s=lo,
             end_unix_s=hi,
-            devices=store.device_count(spec.hash, mc.label_set_ids, lo, hi),
+            devices=devices,
             reports=merged.report_count,
             events=merged.event_count,
             errors=merged.error_count,
@@ -226,8 +258,36 @@ def cohort_health(store: Store, model: str, model_version: str = "",
             withheld_reports=merged.withheld_report_count,
             histogram_events=merged.histogram_event_count,
             noise_sd_per_bin=math.sqrt(merged.noise_variance_per_bin),
+            devices_last_day=last_day,
+            availability=devices / last_day if last_day else math.nan,
+            heartbeats=merged.heartbeat_count,
+            ground_truth=label_slis(spec, merged),
         ))
     return out
+
+
+def cohort_fairness(store: Store, model: str, model_version: str = "",
+                    selector: Mapping[str, str] | None = None, key: str = "",
+                    start: int = 0, end: int = 0, now: float | None = None) -> FairnessDelta:
+    """The largest gaps in accuracy and positive rate between the values of label key `key`
+    within the selection (aggregator.slis.fairness_delta). Devices without the key are left
+    out: they belong to no value of it."""
+    selector = dict(selector or {})
+    spec = resolve_spec(store, model, model_version)
+    if spec.labels is None:
+        raise QueryError(f"fairness_key {key!r}: model {spec.model!r} version "
+                         f"{spec.model_version!r} gets no ground truth (its spec has no "
+                         "labels), so there is no accuracy to compare")
+    known = sorted({k for ls in store.label_sets(spec.hash) if ls.matches(selector)
+                    for k in ls.labels})
+    if key not in known:
+        raise QueryError(f"fairness_key {key!r} is not a label of any device in this "
+                         f"selection (known keys: {', '.join(known) or 'none'})")
+    lo, hi = resolve_range(start, end, spec.window_length_s, now)
+    groups = {mc.cohort[key]: label_slis(spec, mc.summary)
+              for mc in merged_cohorts(store, spec, selector, [key], lo, hi)
+              if mc.cohort[key] != NONE_VALUE}
+    return fairness_delta(key, groups)
 
 
 @dataclass(frozen=True)

@@ -11,21 +11,26 @@ import grpc
 
 from agent.errors import SpecError, ValidationError
 from agent.wire import spec_from_proto, spec_to_proto
+from aggregator.alerts.evaluator import AlertEvaluator, ModelBudget
+from aggregator.compare import Comparison, compare_versions
 from aggregator.ingest import Ingestor, UnknownSpec
 from aggregator.query import (
     CohortHealth,
     CohortPrivacy,
     FeatureHealth,
     QueryError,
+    cohort_fairness,
     cohort_health,
     cohort_privacy,
     list_cohorts,
 )
-from aggregator.store.base import IngestOutcome, Store, canonical_labels
+from aggregator.slis import PROTO_FIELDS, FairnessDelta
+from aggregator.store.base import AlertRecord, IngestOutcome, Store, canonical_labels
 from protos import fleetwatch_pb2 as pb
 from protos import fleetwatch_pb2_grpc as pb_grpc
 
-__all__ = ["AdminService", "IngestService", "QueryService", "health_to_proto", "ingest_handler"]
+__all__ = ["AdminService", "IngestService", "QueryService", "fairness_to_proto", "health_to_proto",
+           "ingest_handler"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,10 +134,23 @@ def health_to_proto(h: CohortHealth) -> pb.CohortHealth:
         reference_latency_p99_ms=h.reference_latency_ms[2],
         withheld_reports=h.withheld_reports, histogram_events=h.histogram_events,
         noise_sd_per_bin=h.noise_sd_per_bin,
+        devices_last_day=h.devices_last_day, availability=h.availability,
+        heartbeats=h.heartbeats,
+        **{name: getattr(h.ground_truth, name) for name in PROTO_FIELDS},
     )
     if h.prediction is not None:
         msg.prediction.CopyFrom(_drift_to_proto(h.prediction))
     return msg
+
+
+def fairness_to_proto(d: FairnessDelta) -> pb.FairnessDelta:
+    return pb.FairnessDelta(
+        key=d.key, accuracy_gap=d.accuracy_gap, accuracy_best=d.accuracy_best,
+        accuracy_worst=d.accuracy_worst, positive_rate_gap=d.positive_rate_gap,
+        positive_rate_highest=d.positive_rate_highest,
+        positive_rate_lowest=d.positive_rate_lowest,
+        groups=[pb.FairnessGroup(value=g.value, labeled=g.labeled, accuracy=g.accuracy,
+                                 positive_rate=g.positive_rate) for g in d.groups])
 
 
 def privacy_to_proto(c: CohortPrivacy) -> pb.CohortPrivacy:
@@ -154,17 +172,39 @@ def _cohort_query(request: pb.CohortHealthRequest) -> tuple:
             list(request.group_by), request.start_unix_s, request.end_unix_s)
 
 
+def comparison_to_proto(c: Comparison) -> pb.CompareResponse:
+    return pb.CompareResponse(
+        cohorts=[pb.CohortComparison(
+            cohort=dict(cc.cohort), baseline_events=cc.baseline_events,
+            candidate_events=cc.candidate_events,
+            metrics=[pb.MetricComparison(
+                metric=m.metric, baseline=m.baseline, candidate=m.candidate,
+                difference=m.difference, p_value=m.p_value, significant=m.significant,
+                worse=m.worse, higher_is_worse=m.higher_is_worse) for m in cc.metrics])
+            for cc in c.cohorts],
+        baseline_spec_hash=c.baseline_spec_hash, candidate_spec_hash=c.candidate_spec_hash,
+        start_unix_s=c.start_unix_s, end_unix_s=c.end_unix_s, corrected_alpha=c.corrected_alpha)
+
+
 class QueryService(pb_grpc.QueryServicer):
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, alerts: AlertEvaluator | None = None) -> None:
         self.store = store
+        self.alerts = alerts  # None: the server runs without --rules
 
     def CohortHealth(self, request: pb.CohortHealthRequest,
                      context: grpc.ServicerContext) -> pb.CohortHealthResponse:
         try:
             result = cohort_health(self.store, *_cohort_query(request))
+            fairness = (cohort_fairness(self.store, request.model, request.model_version,
+                                        dict(request.selector), request.fairness_key,
+                                        request.start_unix_s, request.end_unix_s)
+                        if request.fairness_key else None)
         except Exception as e:
             _abort(context, e)
-        return pb.CohortHealthResponse(cohorts=[health_to_proto(h) for h in result])
+        response = pb.CohortHealthResponse(cohorts=[health_to_proto(h) for h in result])
+        if fairness is not None:
+            response.fairness.CopyFrom(fairness_to_proto(fairness))
+        return response
 
     def CohortPrivacy(self, request: pb.CohortHealthRequest,
                       context: grpc.ServicerContext) -> pb.CohortPrivacyResponse:
@@ -173,6 +213,17 @@ class QueryService(pb_grpc.QueryServicer):
         except Exception as e:
             _abort(context, e)
         return pb.CohortPrivacyResponse(cohorts=[privacy_to_proto(c) for c in result])
+
+    def CompareVersions(self, request: pb.CompareRequest,
+                        context: grpc.ServicerContext) -> pb.CompareResponse:
+        try:
+            result = compare_versions(
+                self.store, request.model, request.baseline_version, request.candidate_version,
+                dict(request.selector), list(request.group_by), request.start_unix_s,
+                request.end_unix_s, request.alpha)
+        except Exception as e:
+            _abort(context, e)
+        return comparison_to_proto(result)
 
     def ListCohorts(self, request: pb.ListCohortsRequest,
                     context: grpc.ServicerContext) -> pb.ListCohortsResponse:
@@ -187,5 +238,39 @@ class QueryService(pb_grpc.QueryServicer):
         return pb.ListCohortsResponse(
             label_sets=[canonical_labels(ls.labels) for ls in sets],
             keys=[pb.LabelValues(key=k, values=sorted(v)) for k, v in sorted(keys.items())])
+
+    def ListAlerts(self, request: pb.ListAlertsRequest,
+                   context: grpc.ServicerContext) -> pb.ListAlertsResponse:
+        if self.alerts is None:
+            return pb.ListAlertsResponse(rules_loaded=False)
+        try:
+            view = self.alerts.view(request.model, request.state,
+                                    request.resolved_limit or DEFAULT_RESOLVED_LIMIT)
+        except Exception as e:
+            _abort(context, e)
+        return pb.ListAlertsResponse(
+            alerts=[alert_to_proto(a) for a in view.alerts],
+            budgets=[budget_to_proto(b) for b in view.budgets],
+            evaluated_until={k: int(v) for k, v in view.evaluated_until.items()},
+            rules_loaded=True)
+
+
+DEFAULT_RESOLVED_LIMIT = 20
+
+
+def alert_to_proto(a: AlertRecord) -> pb.AlertInfo:
+    return pb.AlertInfo(
+        rule=a.rule, kind=a.kind, model=a.model, cohort=dict(a.cohort), severity=a.severity,
+        state=a.state, value=a.value, threshold=a.threshold,
+        starts_at_unix_s=int(a.starts_at_s),
+        ends_at_unix_s=0 if a.ends_at_s is None else int(a.ends_at_s),
+        fingerprint=a.fingerprint, labels=dict(a.labels), annotations=dict(a.annotations))
+
+
+def budget_to_proto(mb: ModelBudget) -> pb.BudgetInfo:
+    b = mb.budget
+    return pb.BudgetInfo(slo=b.slo, model=mb.model, cohort=dict(b.cohort), windows=b.windows,
+                         bad_windows=b.bad, budget=b.budget, left_fraction=b.left_fraction,
+                         burn_rates=dict(b.burn_rates))
 
 

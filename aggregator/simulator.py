@@ -59,6 +59,9 @@ Progress = Callable[[str], None]
 
 PREDICTION_COLUMN = "score"
 LATENCY_COLUMN = "latency_ms"
+# Ground truth: 1 when the camera really saw an object. Drawn as Bernoulli(score), so the
+# simulated model is calibrated on clean traffic; `Drift.label_flip` makes it wrong.
+LABEL_COLUMN = "label"
 MINUTE_S = 60
 # Reference latency: lognormal with this median (ms) and log-space sigma; p95 is about 46 ms.
 LATENCY_MEDIAN_MS = 26.0
@@ -116,6 +119,7 @@ class _Batch:
     columns: dict[str, np.ndarray]
     codes: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (values, code per row)
     errors: np.ndarray
+    labels: np.ndarray  # bool ground truth per row
 
     def __len__(self) -> int:
         return int(self.errors.size)
@@ -124,7 +128,8 @@ class _Batch:
 def _generate(rng: np.random.Generator, n: int, *,
               numeric_shift: Mapping[str, float] | None = None,
               category_mix: Mapping[str, Mapping[str, float]] | None = None,
-              latency_factor: float = 1.0, error_rate: float = 0.0) -> _Batch:
+              latency_factor: float = 1.0, error_rate: float = 0.0,
+              label_flip: float = 0.0) -> _Batch:
     """n rows of features, prediction score and latency; the same code for reference and fleet.
 
     With no shift, no mix and latency_factor 1, the rows follow the reference distribution.
@@ -157,7 +162,10 @@ def _generate(rng: np.random.Generator, n: int, *,
     latency = rng.lognormal(math.log(LATENCY_MEDIAN_MS), LATENCY_SIGMA, n) * latency_factor
     columns[LATENCY_COLUMN] = latency.astype(np.float32)
     errors = rng.random(n) < error_rate if error_rate > 0 else np.zeros(n, dtype=bool)
-    return _Batch(columns, codes, errors)
+    labels = rng.random(n) < columns[PREDICTION_COLUMN]
+    if label_flip > 0:
+        labels ^= rng.random(n) < label_flip
+    return _Batch(columns, codes, errors, labels)
 
 
 def reference_columns(rows: int, seed: int) -> dict[str, np.ndarray]:
@@ -172,7 +180,7 @@ def reference_columns(rows: int, seed: int) -> dict[str, np.ndarray]:
     if rows < 1:
         raise ConfigError(f"rows must be at least 1, got {rows}")
     batch = _generate(np.random.default_rng([seed, 0]), rows)
-    return batch.columns
+    return {**batch.columns, LABEL_COLUMN: batch.labels.astype(np.int64)}
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -196,7 +204,9 @@ class Drift:
     """Covariate drift in the devices matching `selector`, from `start_minute` to the end.
 
     The default tells of a camera firmware update on the eu/jetson units whose auto-exposure
-    regressed: darker images, longer exposures, and more scenes classified as night.
+    regressed: darker images, longer exposures, and more scenes classified as night; the
+    model's answers go wrong too (`label_flip`: that share of ground-truth labels disagrees
+    with what a calibrated model would expect), so its accuracy drops.
 
     `numeric_shift` moves numeric features by that many of their standard deviations (then
     clips them to their natural range); `category_mix` replaces a categorical feature's
@@ -211,10 +221,13 @@ class Drift:
     category_mix: Mapping[str, Mapping[str, float]] = field(
         default_factory=lambda: {"scene": {"day": 0.2, "night": 0.5, "indoor": 0.2,
                                            "dusk": 0.1}})
+    label_flip: float = 0.35
 
     def __post_init__(self) -> None:
         if self.start_minute < 0:
             raise ConfigError(f"Drift.start_minute must not be negative, got {self.start_minute}")
+        if not 0 <= self.label_flip <= 1:
+            raise ConfigError(f"Drift.label_flip must be in [0, 1], got {self.label_flip}")
         for name, shift in self.numeric_shift.items():
             if name not in _NUMERIC_BY_NAME:
                 raise ConfigError(f"Drift.numeric_shift: unknown numeric feature {name!r} "
@@ -267,6 +280,12 @@ class FleetConfig:
     all but `single_events_per_window` of them go through `Monitor.observe_batch`, the rest
     through `Monitor.observe` one by one. `hw_latency_factor` scales latencies per hardware
     (keep it under 1.5, the slow threshold, or that hardware looks slow everywhere).
+
+    Ground truth: a share `label_rate` of the events is observed with a request id and gets
+    its label `label_delay_minutes` later (uniform over 1..that many minutes) through
+    `Monitor.label_batch`; labels due after the last minute never arrive. Device ids are
+    `{device_prefix}-{region}-{hw}-{index}`: give each fleet of one aggregator its own prefix
+    (the aggregator deduplicates on device id and sequence number).
     """
 
     devices: int = 200
@@ -284,6 +303,9 @@ class FleetConfig:
     model_version: str = "1"
     seed: int = 7
     workers: int = 8  # threads that spool and deliver closed windows
+    label_rate: float = 0.3
+    label_delay_minutes: int = 3
+    device_prefix: str = "cam"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "regions", tuple(self.regions))
@@ -309,6 +331,13 @@ class FleetConfig:
                 raise ConfigError(f"FleetConfig.hw_latency_factor[{hw!r}] must be positive")
         if self.workers < 1:
             raise ConfigError("FleetConfig.workers must be at least 1")
+        if not 0 <= self.label_rate <= 1:
+            raise ConfigError(f"FleetConfig.label_rate must be in [0, 1], got {self.label_rate}")
+        if self.label_delay_minutes < 1:
+            raise ConfigError("FleetConfig.label_delay_minutes must be at least 1")
+        if not self.device_prefix or any(c in self.device_prefix for c in ",= "):
+            raise ConfigError(f"FleetConfig.device_prefix {self.device_prefix!r} must be a "
+                              "non-empty name without ',', '=' or spaces")
         known = {"region": self.regions, "hw": self.hardware}
         if self.drift is not None:
             _check_selector("drift", self.drift.selector, known)
@@ -344,7 +373,9 @@ class CohortTruth:
 
     `feature_counts` and `prediction_counts` are histograms in the spec's layouts (see
     `agent.spec`), counted here independently of the agent's binning; `latencies_ms` holds
-    every latency observed (float32, as the agent's sketch takes them).
+    every latency observed (float32, as the agent's sketch takes them). `labels()` gives every
+    label delivered: its ground truth, the prediction score it joins, its latency and the
+    minute it arrived in.
     """
 
     labels: dict[str, str]
@@ -354,6 +385,24 @@ class CohortTruth:
     feature_counts: dict[str, np.ndarray] = field(default_factory=dict)
     prediction_counts: np.ndarray | None = None
     _latency_parts: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
+    _label_parts: list[tuple[int, np.ndarray, np.ndarray, float]] = field(
+        default_factory=list, init=False, repr=False)
+
+    def add_labels(self, minute: int, y_true: np.ndarray, scores: np.ndarray,
+                   latency_s: float) -> None:
+        self._label_parts.append((minute, np.asarray(y_true, bool),
+                                  np.asarray(scores, np.float64), float(latency_s)))
+
+    def labels(self, first_minute: int = 0, end_minute: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(y_true, score, label latency in s) of the labels that arrived in the minutes
+        [first_minute, end_minute)."""
+        parts = [p for p in self._label_parts
+                 if p[0] >= first_minute and (end_minute is None or p[0] < end_minute)]
+        if not parts:
+            return np.empty(0, bool), np.empty(0), np.empty(0)
+        return (np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]),
+                np.concatenate([np.full(p[1].size, p[3]) for p in parts]))
 
     def add_latencies(self, latencies_ms: np.ndarray) -> None:
         self._latency_parts.append(np.asarray(latencies_ms, dtype=np.float32))
@@ -453,6 +502,9 @@ class _Device:
     rate: float
     events: int = 0
     monitor: Monitor | None = None
+    # arrival minute -> (request ids, ground truth, scores, delay in minutes) of labels due
+    pending_labels: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]] = field(
+        default_factory=dict)
 
 
 def _matches(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
@@ -460,23 +512,55 @@ def _matches(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
 
 
 def _observe(monitor: Monitor, batch: _Batch, lo: int, hi: int, singles: int,
-             names: tuple[str, ...]) -> None:
-    """Rows [lo, hi) of the batch: the bulk through observe_batch, the tail one by one."""
+             names: tuple[str, ...], request_ids: np.ndarray) -> None:
+    """Rows [lo, hi) of the batch: the bulk through observe_batch, the tail one by one.
+
+    `request_ids` holds one entry per row of [lo, hi): an id, or None for no label."""
     cut = max(lo, hi - singles)
     cols = batch.columns
     if cut > lo:
         monitor.observe_batch({name: cols[name][lo:cut] for name in names},
                               predictions=cols[PREDICTION_COLUMN][lo:cut],
                               latency_ms=cols[LATENCY_COLUMN][lo:cut],
-                              errors=batch.errors[lo:cut])
+                              errors=batch.errors[lo:cut],
+                              request_ids=request_ids[:cut - lo])
     if hi > cut:
         rows = {name: cols[name][cut:hi].tolist() for name in names}
         scores = cols[PREDICTION_COLUMN][cut:hi].tolist()
         latencies = cols[LATENCY_COLUMN][cut:hi].tolist()
         errors = batch.errors[cut:hi].tolist()
+        ids = request_ids[cut - lo:].tolist()
         for i in range(hi - cut):
             monitor.observe({name: rows[name][i] for name in names}, prediction=scores[i],
-                            latency_ms=latencies[i], error=errors[i])
+                            latency_ms=latencies[i], error=errors[i], request_id=ids[i])
+
+
+def _plan_labels(d: _Device, batch: _Batch, lo: int, hi: int, minute: int,
+                 config: FleetConfig, rng: np.random.Generator) -> np.ndarray:
+    """Pick the rows of [lo, hi) that will get a label, schedule their labels on the device,
+    and return the request ids to observe them with (None for the other rows)."""
+    ids = np.full(hi - lo, None, dtype=object)
+    if config.label_rate <= 0:
+        return ids
+    chosen = np.flatnonzero(rng.random(hi - lo) < config.label_rate)
+    if chosen.size == 0:
+        return ids
+    ids[chosen] = [f"{d.device_id}:{minute}:{j}" for j in chosen.tolist()]
+    delays = rng.integers(1, config.label_delay_minutes + 1, size=chosen.size)
+    for delay in np.unique(delays).tolist():
+        pick = chosen[delays == delay]
+        d.pending_labels.setdefault(minute + delay, []).append(
+            (ids[pick], batch.labels[lo + pick], batch.columns[PREDICTION_COLUMN][lo + pick],
+             delay))
+    return ids
+
+
+def _deliver_labels(d: _Device, minute: int, truth: CohortTruth) -> None:
+    """The labels due in this minute, through Monitor.label_batch; recorded in the truth."""
+    for ids, y_true, scores, delay in d.pending_labels.pop(minute, ()):
+        if d.monitor is not None:
+            d.monitor.label_batch(ids, y_true)
+            truth.add_labels(minute, y_true, scores, delay * MINUTE_S)
 
 
 def run_fleet(config: FleetConfig, target: str, spool_root: pathlib.Path, start_unix_s: int,
@@ -512,7 +596,7 @@ def run_fleet(config: FleetConfig, target: str, spool_root: pathlib.Path, start_
     for i in range(config.devices):
         key = keys[i % len(keys)]
         labels = dict(cohorts[key])
-        device_id = f"cam-{labels['region']}-{labels['hw']}-{i:04d}"
+        device_id = f"{config.device_prefix}-{labels['region']}-{labels['hw']}-{i:04d}"
         devices.append(_Device(device_id, labels, key, float(rng.uniform(0.5, 1.5))))
     members: dict[str, list[_Device]] = {k: [d for d in devices if d.cohort == k] for k in keys}
 
@@ -557,6 +641,9 @@ def run_fleet(config: FleetConfig, target: str, spool_root: pathlib.Path, start_
             window_start = start_unix_s + minute * MINUTE_S
             clock.set(window_start + MINUTE_S / 2)
             for key in keys:
+                for d in members[key]:
+                    _deliver_labels(d, minute, truth.cohorts[key])
+            for key in keys:
                 labels = cohorts[key]
                 drift = config.drift if (config.drift is not None
                                          and _matches(labels, config.drift.selector)
@@ -570,13 +657,15 @@ def run_fleet(config: FleetConfig, target: str, spool_root: pathlib.Path, start_
                 batch = _generate(rng, int(counts.sum()),
                                   numeric_shift=drift.numeric_shift if drift else None,
                                   category_mix=drift.category_mix if drift else None,
-                                  latency_factor=factor, error_rate=config.error_rate)
+                                  latency_factor=factor, error_rate=config.error_rate,
+                                  label_flip=drift.label_flip if drift else 0.0)
                 bounds = np.concatenate(([0], np.cumsum(counts)))
                 for d, lo, hi in zip(group, bounds[:-1], bounds[1:], strict=True):
                     if hi > lo and d.monitor is not None:
                         d.events += int(hi - lo)
+                        ids = _plan_labels(d, batch, int(lo), int(hi), minute, config, rng)
                         _observe(d.monitor, batch, int(lo), int(hi),
-                                 config.single_events_per_window, names)
+                                 config.single_events_per_window, names, ids)
                 counter.add(truth.cohorts[key], batch)
                 truth.events += len(batch)
                 truth.errors += int(np.count_nonzero(batch.errors))

@@ -16,7 +16,7 @@ import numpy as np
 from agent.errors import ValidationError
 from agent.privacy import noise_plan
 from agent.spec import Spec
-from agent.summary import Summary
+from agent.summary import LABEL_HISTOGRAMS, Summary
 from agent.wire import ReportMeta, report_from_proto
 from aggregator.kll_check import load_kll_floats
 from protos import fleetwatch_pb2 as pb
@@ -24,7 +24,8 @@ from protos import fleetwatch_pb2 as pb
 __all__ = ["Limits", "validate_report"]
 
 _COUNT_FIELDS = ("event_count", "error_count", "late_event_count", "invalid_value_count",
-                 "unknown_feature_count", "spool_dropped_count")
+                 "unknown_feature_count", "spool_dropped_count", "labeled_count",
+                 "labels_unmatched_count", "label_cache_evicted_count", "clamped_label_count")
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,69 @@ def _check_histogram(field: str, counts: np.ndarray, length: int, events: int,
                     f"{noise_bound:.0f}], impossible for {events} events with this spec's noise")
 
 
+def _check_label_histogram(field: str, counts: np.ndarray, length: int, labels: int,
+                           noise_bound: float | None, exact_total: bool) -> None:
+    """As `_check_histogram`, for a label histogram; calibration counts only the labels that
+    had a score, so its exact total is at most the labels (`exact_total` False)."""
+    if exact_total or noise_bound is not None:
+        _check_histogram(field, counts, length, labels, noise_bound)
+        return
+    if counts.shape[0] != length:
+        raise _fail(field, f"expected {length} bins, got {counts.shape[0]}")
+    if (counts < 0).any():
+        raise _fail(field, "negative count")
+    if (counts > labels).any():
+        raise _fail(field, f"a count is above the report's {labels} labels")
+    total = int(counts.sum())
+    if total > labels:
+        raise _fail(field, f"counts add up to {total}, the report has {labels} labels")
+
+
+def _check_heartbeat(msg: pb.WindowReport) -> None:
+    """An idle window's report: alive, and nothing else."""
+    for name in ("event_count", "labeled_count", "error_count", "late_event_count",
+                 "clamped_event_count", "clamped_label_count"):
+        if getattr(msg, name):
+            raise _fail(name, "a heartbeat reports an idle window: it must be 0")
+    if msg.private_withheld:
+        raise _fail("private_withheld", "a heartbeat releases nothing, so withholds nothing")
+    if msg.features or msg.HasField("prediction"):
+        raise _fail("heartbeat", "a heartbeat must not carry histograms")
+    for name in LABEL_HISTOGRAMS:
+        if msg.HasField(name):
+            raise _fail(name, "a heartbeat must not carry histograms")
+    if msg.epsilon_spent:
+        raise _fail("epsilon_spent", "a heartbeat spends no privacy budget")
+
+
+def _check_labels(msg: pb.WindowReport, spec: Spec) -> None:
+    """The label fields against the spec's LabelSpec (histogram contents come later)."""
+    ls = spec.labels
+    if ls is None:
+        for name in LABEL_HISTOGRAMS:
+            if msg.HasField(name):
+                raise _fail(name, "the spec has no labels")
+        if msg.labeled_count:
+            raise _fail("labeled_count", "the spec has no labels")
+        return
+    if msg.clamped_label_count > msg.labeled_count:
+        raise _fail("clamped_label_count", "more clamped labels than labels")
+    if noise_plan(spec) is None and msg.clamped_label_count:
+        raise _fail("clamped_label_count", "the spec does not clamp")
+    wanted = set(ls.histograms)
+    for name in LABEL_HISTOGRAMS:
+        if name not in wanted and msg.HasField(name):
+            raise _fail(name, f"a {ls.task} task has no {name} histogram")
+    if msg.private_withheld or msg.heartbeat:
+        for name in LABEL_HISTOGRAMS:
+            if msg.HasField(name):
+                raise _fail(name, "a withheld report or a heartbeat must not carry histograms")
+        return
+    for name in ls.histograms:
+        if not msg.HasField(name):
+            raise _fail(name, f"the spec's {ls.task} labels need a {name} histogram")
+
+
 def validate_report(msg: pb.WindowReport, spec: Spec, limits: Limits = Limits(),
                     now: float | None = None) -> tuple[ReportMeta, Summary]:
     """Check a parsed report against its spec and return its domain form.
@@ -109,7 +173,10 @@ def validate_report(msg: pb.WindowReport, spec: Spec, limits: Limits = Limits(),
     now = time.time() if now is None else now
     _check_meta(msg, spec, limits, now)
     plan = noise_plan(spec)
-    if msg.private_withheld:
+    _check_labels(msg, spec)
+    if msg.heartbeat:
+        _check_heartbeat(msg)
+    elif msg.private_withheld:
         if plan is None:
             raise _fail("private_withheld", "the spec adds no noise, so nothing is withheld")
         if msg.features or msg.HasField("prediction"):
@@ -143,9 +210,14 @@ def validate_report(msg: pb.WindowReport, spec: Spec, limits: Limits = Limits(),
     meta, summary = report_from_proto(
         msg, load_kll=lambda b: load_kll_floats(b, max_bytes=limits.max_sketch_bytes,
                                                 max_n=max(msg.event_count, 1)))
-    if msg.private_withheld:  # zeros merge as nothing: the cohort's histograms stay aligned
+    if msg.private_withheld or msg.heartbeat:
+        # Zeros merge as nothing: the cohort's histograms stay aligned. No noise was added,
+        # so the summary adds no variance (report_from_proto left it 0).
         zero = Summary.zero(spec)
         summary.features, summary.prediction = zero.features, zero.prediction
+        for name in LABEL_HISTOGRAMS:
+            setattr(summary, name, getattr(zero, name))
+        summary.noise_variance_per_bin = 0.0
     else:
         events = msg.event_count - msg.clamped_event_count
         bound = None if plan is None else 50 * math.sqrt(plan.variance_per_bin) + 50
@@ -155,6 +227,12 @@ def validate_report(msg: pb.WindowReport, spec: Spec, limits: Limits = Limits(),
         if spec.prediction is not None and summary.prediction is not None:
             _check_histogram("prediction", summary.prediction, spec.prediction.histogram_length,
                              events, bound)
+        if spec.labels is not None:
+            labels = msg.labeled_count - msg.clamped_label_count
+            for name in spec.labels.histograms:
+                _check_label_histogram(name, getattr(summary, name),
+                                       spec.labels.histogram_length(name), labels, bound,
+                                       exact_total=name != "calibration")
         # The variance follows from the spec: never take the device's word for it.
         summary.noise_variance_per_bin = 0.0 if plan is None else plan.variance_per_bin
     if summary.latency.n > msg.event_count:

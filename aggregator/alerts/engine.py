@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from aggregator.alerts.rules import (
     RuleSet,
+    Sampling,
     SloRule,
     ThresholdRule,
     compare,
@@ -132,9 +133,14 @@ def metric_value(metrics: Mapping[str, float], metric: str) -> float:
     return _NAN
 
 
-def _fingerprint(rule: str, cohort: Cohort) -> str:
-    """Stable per (rule, cohort): hash of alertname and cohort labels, not of severity."""
-    text = "\x1f".join([f"alertname={rule}", *(f"{k}={v}" for k, v in cohort)])
+def _fingerprint(rule: str, cohort: Cohort, extra: Cohort = ()) -> str:
+    """Stable per (rule, cohort): hash of alertname, cohort and extra labels, not of severity.
+
+    ``extra`` (the engine's own labels, e.g. model) is hashed after the cohort, so an engine
+    without extra labels keeps the fingerprints of earlier releases.
+    """
+    text = "\x1f".join([f"alertname={rule}", *(f"{k}={v}" for k, v in cohort),
+                        *(f"{k}={v}" for k, v in extra)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -244,13 +250,22 @@ class AlertEngine:
     ``stale_s``: a threshold rule's cohort with no known value for this long (event time)
     drops its pending alert and resolves its firing one. ``budget_bucket_s``: granularity of
     the error-budget counts (the period's oldest bucket is dropped whole). ``keep_resolved``:
-    how many resolved alerts :meth:`alerts` remembers.
+    how many resolved alerts :meth:`alerts` remembers. ``extra_labels``: added to every
+    alert's labels and fingerprint (the server passes ``model`` and ``model_version``, one
+    engine per model version); they may not clash with a rule's ``by`` keys.
     """
 
     def __init__(self, rules: RuleSet, *, stale_s: float = 900.0,
-                 budget_bucket_s: float = 3600.0, keep_resolved: int = 1000) -> None:
+                 budget_bucket_s: float = 3600.0, keep_resolved: int = 1000,
+                 extra_labels: Mapping[str, str] | None = None) -> None:
         if stale_s <= 0 or budget_bucket_s <= 0:
             raise ValueError("stale_s and budget_bucket_s must be positive")
+        extra = tuple(sorted((extra_labels or {}).items()))
+        clash = {k for k, _ in extra} & {k for by in rules.groupings for k in by} \
+            | {k for k, _ in extra} & {"alertname", "severity"}
+        if clash:
+            raise ValueError(f"extra_labels {sorted(clash)} clash with the alerts' own labels")
+        self.extra_labels: Cohort = extra
         self.rules = rules
         self.stale_s = stale_s
         self.budget_bucket_s = budget_bucket_s
@@ -265,18 +280,25 @@ class AlertEngine:
         return self.rules.groupings
 
     @property
+    def samplings(self) -> frozenset[Sampling]:
+        """What :meth:`evaluate` wants samples for: each (``by``, ``over``) the rules use."""
+        return self.rules.samplings
+
+    @property
     def last_window_end_s(self) -> float | None:
         return self._last_end_s
 
     # -- evaluation ----------------------------------------------------------------------------
 
     def evaluate(self, window_start_s: float, window_end_s: float,
-                 samples: Mapping[tuple[str, ...], Iterable[CohortSample]]
+                 samples: Mapping[Any, Iterable[CohortSample]]
                  ) -> list[AlertTransition]:
         """Evaluate every rule on one closed window ``[window_start_s, window_end_s)``.
 
-        ``samples`` maps each grouping in :attr:`groupings` to that window's cohort samples;
-        a missing grouping or cohort means no data. Windows must come in increasing end order.
+        ``samples`` maps each :class:`Sampling` in :attr:`samplings` to its cohort samples for
+        this window (computed over the window, or over the last ``over_s`` of windows up to its
+        end); a sampling with ``over_s`` 0 may instead be keyed by its ``by`` tuple alone. A
+        missing sampling or cohort means no data. Windows must come in increasing end order.
         Returns the alert state changes, in rule order.
         """
         if not window_start_s < window_end_s:
@@ -284,10 +306,14 @@ class AlertEngine:
         if self._last_end_s is not None and window_end_s <= self._last_end_s:
             raise ValueError(f"window end {window_end_s} is not after the last evaluated "
                              f"window end {self._last_end_s}")
-        rows: dict[tuple[str, ...], dict[Cohort, Mapping[str, float]]] = {}
-        for by in self.groupings:
+        rows: dict[Sampling, dict[Cohort, Mapping[str, float]]] = {}
+        for sampling in self.samplings:
+            by = sampling.by
             group: dict[Cohort, Mapping[str, float]] = {}
-            for sample in samples.get(by, ()):
+            given = samples.get(sampling)  # type: ignore[call-overload]
+            if given is None and sampling.over_s == 0:
+                given = samples.get(by)  # keyed by the grouping alone: the window itself
+            for sample in given or ():
                 try:
                     cohort = tuple((k, str(sample.cohort[k])) for k in by)
                 except KeyError as exc:
@@ -295,12 +321,12 @@ class AlertEngine:
                 if cohort in group:
                     raise ValueError(f"two samples for cohort {dict(cohort)} in one window")
                 group[cohort] = sample.metrics
-            rows[by] = group
+            rows[sampling] = group
         out: list[AlertTransition] = []
         for rule in self.rules.rules:
-            self._eval_threshold(rule, rows[rule.by], window_start_s, window_end_s, out)
+            self._eval_threshold(rule, rows[rule.sampling], window_start_s, window_end_s, out)
         for slo in self.rules.slos:
-            self._eval_slo(slo, rows[slo.by], window_start_s, window_end_s, out)
+            self._eval_slo(slo, rows[slo.sampling], window_start_s, window_end_s, out)
         self._last_end_s = window_end_s
         for t in out:
             if t.new_state in ("firing", "resolved"):
@@ -402,7 +428,8 @@ class AlertEngine:
 
     def _alert(self, rule: ThresholdRule | SloRule, cohort: Cohort, st: _Active,
                state: AlertState, ends_at_s: float | None) -> Alert:
-        labels = {"alertname": rule.name, "severity": st.severity, **dict(cohort)}
+        labels = {"alertname": rule.name, "severity": st.severity, **dict(cohort),
+                  **dict(self.extra_labels)}
         where = ", ".join(f"{k}={v}" for k, v in cohort) or "fleet"
         if isinstance(rule, ThresholdRule):
             kind: Literal["threshold", "slo"] = "threshold"
@@ -419,7 +446,7 @@ class AlertEngine:
         return Alert(rule=rule.name, kind=kind, cohort=cohort, severity=st.severity,
                      state=state, value=st.value, threshold=st.threshold,
                      starts_at_s=st.since_s, ends_at_s=ends_at_s,
-                     fingerprint=_fingerprint(rule.name, cohort),
+                     fingerprint=_fingerprint(rule.name, cohort, self.extra_labels),
                      labels=MappingProxyType(labels), annotations=MappingProxyType(annotations))
 
     def _emit(self, rule: ThresholdRule | SloRule, cohort: Cohort, st: _Active,

@@ -17,7 +17,7 @@ import math
 import re
 import tomllib
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ __all__ = [
     "BurnWindow",
     "RuleError",
     "RuleSet",
+    "Sampling",
     "SloRule",
     "ThresholdRule",
     "compare",
@@ -44,7 +45,8 @@ __all__ = [
 SLI_METRICS = frozenset({
     "events", "devices", "error_rate", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms",
     "availability", "accuracy", "precision", "recall", "f1", "brier", "ece", "mae", "rmse",
-    "label_latency_p95_s", "withheld_reports",
+    "label_latency_p50_s", "label_latency_p95_s", "positive_rate", "labeled", "heartbeats",
+    "withheld_reports",
 })
 """SLI names a rule may name directly (besides ``psi:FEATURE``, ``psi:*``, ``drifting:…``)."""
 
@@ -52,7 +54,8 @@ DRIFT_PREFIXES = ("psi:", "drifting:")
 OPS = (">", ">=", "<", "<=")
 SEVERITIES = ("page", "ticket")
 DEFAULT_PERIOD_S = 30 * 86400.0
-RESERVED_LABELS = frozenset({"alertname", "severity"})
+# The alert's own labels: the server adds model and model_version to every alert it raises.
+RESERVED_LABELS = frozenset({"alertname", "severity", "model", "model_version"})
 
 
 def compare(op: str, value: float, threshold: float) -> bool:
@@ -153,6 +156,19 @@ DEFAULT_BURN_WINDOWS = (
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """How a rule's metric is sampled: per cohort of the ``by`` keys, over the last ``over_s``
+    seconds of windows (0: the window being evaluated alone).
+
+    Short windows make noisy metrics: under privacy noise a one-minute window of a small
+    cohort may be too small to judge drift or accuracy at all, while the last 15 minutes can.
+    """
+
+    by: tuple[str, ...]
+    over_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class ThresholdRule:
     """Alert while ``metric op threshold`` has held for ``for_s`` of event time, per cohort.
 
@@ -170,7 +186,14 @@ class ThresholdRule:
     severity: str = "ticket"
     runbook: str | None = None
     summary: str | None = None
+    model: str | None = None
     line: int | None = None
+    # The metric of the window ending at t is computed over [t - over_s, t) (0: that window).
+    over_s: float = 0.0
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.by, self.over_s)
 
 
 @dataclass(frozen=True)
@@ -191,7 +214,13 @@ class SloRule:
     windows: tuple[BurnWindow, ...] = DEFAULT_BURN_WINDOWS
     runbook: str | None = None
     summary: str | None = None
+    model: str | None = None
     line: int | None = None
+    over_s: float = 0.0
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.by, self.over_s)
 
     @property
     def budget_fraction(self) -> float:
@@ -206,18 +235,29 @@ class RuleSet:
     rules: tuple[ThresholdRule, ...] = ()
     slos: tuple[SloRule, ...] = ()
 
+    def for_model(self, model: str) -> RuleSet:
+        """The rules that apply to ``model``: those without a ``model`` key, and its own."""
+        return RuleSet(rules=tuple(r for r in self.rules if r.model in (None, model)),
+                       slos=tuple(s for s in self.slos if s.model in (None, model)))
+
     @property
     def groupings(self) -> frozenset[tuple[str, ...]]:
         """Every ``by`` the rules use (sorted key tuples): the cohort groupings to sample."""
         return frozenset(r.by for r in (*self.rules, *self.slos))
 
+    @property
+    def samplings(self) -> frozenset[Sampling]:
+        """Every (``by``, ``over``) the rules use: what to sample for each window."""
+        return frozenset(r.sampling for r in (*self.rules, *self.slos))
+
 
 # -- loading -----------------------------------------------------------------------------------
 
 _THRESHOLD_KEYS = frozenset({"name", "metric", "op", "threshold", "clear", "for", "by",
-                             "severity", "runbook", "summary"})
+                             "severity", "runbook", "summary", "model", "over"})
 _SLO_KEYS = frozenset({"name", "metric", "objective", "target", "by", "period", "runbook",
-                       "summary", "page", "ticket"})
+                       "summary", "page", "ticket", "model", "over"})
+MAX_OVER_S = 7 * 86400.0
 _BURN_KEYS = frozenset({"long", "short", "burn"})
 _OBJECTIVE = re.compile(r"^\s*(<=|>=|<|>)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
 _HEADER = re.compile(r"^\s*\[\[\s*([A-Za-z0-9_.\"'-]+)\s*\]\]")
@@ -368,7 +408,15 @@ def _threshold_rule(t: _Table, known_label_keys: Collection[str] | None,
     return ThresholdRule(
         name=name, metric=metric, op=op, threshold=threshold, clear=clear,
         for_s=t.duration("for", 0.0), by=by, severity=severity, runbook=t.string("runbook"),
-        summary=t.string("summary"), line=t.line)
+        summary=t.string("summary"), line=t.line, over_s=_over(t))
+
+
+def _over(t: _Table) -> float:
+    over_s = t.duration("over", 0.0)
+    if not 0 <= over_s <= MAX_OVER_S:
+        raise t.error(f"over must be between 0 and {format_duration(MAX_OVER_S)}, not "
+                      f"{format_duration(over_s)}", "over")
+    return over_s
 
 
 def _burn_window(t: _Table, key: str, default: BurnWindow, period_s: float) -> BurnWindow:
@@ -418,16 +466,18 @@ def _slo_rule(t: _Table, known_label_keys: Collection[str] | None,
     return SloRule(
         name=name, metric=metric, op=m.group(1), objective=float(m.group(2)), target=target,
         by=by, period_s=period_s, windows=windows, runbook=t.string("runbook"),
-        summary=t.string("summary"), line=t.line)
+        summary=t.string("summary"), line=t.line, over_s=_over(t))
 
 
 def load_rules(text: str, *, source: str = "<rules>",
                known_label_keys: Collection[str] | None = None,
-               known_features: Collection[str] | None = None) -> RuleSet:
+               known_features: Collection[str] | None = None,
+               known_models: Collection[str] | None = None) -> RuleSet:
     """Parse and validate a rule file's text.
 
-    ``known_label_keys`` (the label keys the fleet's devices have) and ``known_features`` (the
-    spec's feature names) are checked against ``by`` and ``psi:FEATURE`` when given.
+    ``known_label_keys`` (the label keys the fleet's devices have), ``known_features`` (the
+    spec's feature names) and ``known_models`` (the registered models) are checked against
+    ``by``, ``psi:FEATURE`` and ``model`` when given.
     Raises :class:`RuleError` naming the rule and the line.
 
     Example::
@@ -466,6 +516,13 @@ def load_rules(text: str, *, source: str = "<rules>",
             else:
                 rule = _slo_rule(table, known_label_keys, known_features)
                 slos.append(rule)
+            model = table.string("model")
+            if model is not None:
+                if known_models is not None and model not in known_models:
+                    raise table.error(f"unknown model {model!r} (registered: "
+                                      f"{', '.join(sorted(known_models)) or 'none'})", "model")
+                rule = replace(rule, model=model)
+                (rules if kind == "rule" else slos)[-1] = rule  # type: ignore[index]
             if rule.name in names:
                 first = names[rule.name]
                 raise table.error(f"duplicate rule name {rule.name!r} (first defined at line "
@@ -475,7 +532,8 @@ def load_rules(text: str, *, source: str = "<rules>",
 
 
 def load_rules_file(path: str | Path, *, known_label_keys: Collection[str] | None = None,
-                    known_features: Collection[str] | None = None) -> RuleSet:
+                    known_features: Collection[str] | None = None,
+                    known_models: Collection[str] | None = None) -> RuleSet:
     """:func:`load_rules` on a file; errors name the file."""
     p = Path(path)
     try:
@@ -483,4 +541,4 @@ def load_rules_file(path: str | Path, *, known_label_keys: Collection[str] | Non
     except OSError as exc:
         raise RuleError(f"cannot read rule file: {exc.strerror or exc}", source=str(p)) from None
     return load_rules(text, source=str(p), known_label_keys=known_label_keys,
-                      known_features=known_features)
+                      known_features=known_features, known_models=known_models)

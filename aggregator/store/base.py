@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -11,8 +11,8 @@ from agent.spec import Spec
 from agent.summary import Summary
 from agent.wire import ReportMeta
 
-__all__ = ["IngestOutcome", "LabelSet", "PrivacyStats", "Store", "canonical_labels", "parse_labels",
-           "rollup_resolutions", "time_cover"]
+__all__ = ["AlertRecord", "IngestOutcome", "LabelSet", "PrivacyStats", "Store",
+           "canonical_labels", "parse_labels", "rollup_resolutions", "time_cover"]
 
 DAY_S = 86400
 HOUR_S = 3600
@@ -40,6 +40,33 @@ class LabelSet:
 
     def matches(self, selector: Mapping[str, str]) -> bool:
         return all(self.labels.get(k) == v for k, v in selector.items())
+
+
+@dataclass(frozen=True)
+class AlertRecord:
+    """One alert as stored in the history (a transition) or as it stands now.
+
+    ``at_s`` is the event time of the transition (the end of the evaluated window);
+    ``previous_state`` is empty for an alert that is not a transition. ``cohort`` holds
+    (key, value) pairs in the rule's ``by`` order (sorted keys).
+    """
+
+    at_s: float
+    rule: str
+    kind: str
+    model: str
+    model_version: str
+    fingerprint: str
+    previous_state: str
+    state: str
+    cohort: tuple[tuple[str, str], ...]
+    severity: str
+    value: float
+    threshold: float
+    starts_at_s: float
+    ends_at_s: float | None
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
 
 
 def canonical_labels(labels: Mapping[str, str]) -> str:
@@ -114,5 +141,30 @@ class Store(Protocol):
 
     def privacy_stats(self, spec_hash: str, label_set_ids: Iterable[int], start: int,
                       end: int) -> PrivacyStats: ...
+
+    # -- alerting (aggregator.alerts.evaluator) -------------------------------------------------
+
+    def window_range(self, spec_hash: str) -> tuple[int, int] | None:
+        """(earliest, latest) window start of the reports stored for a spec, None if none."""
+        ...
+
+    def label_keys(self) -> set[str]:
+        """Every label key any device has reported with."""
+        ...
+
+    def load_alert_state(self, model: str, model_version: str) -> tuple[float, str] | None:
+        """(evaluated_until, snapshot JSON) of a model version's alert engine, None if none."""
+        ...
+
+    def save_alert_window(self, model: str, model_version: str, evaluated_until: float,
+                          snapshot_json: str, transitions: Sequence[AlertRecord]) -> None:
+        """Store the engine snapshot after a window and that window's transitions, in one
+        transaction (so a restart neither loses nor repeats a transition)."""
+        ...
+
+    def alert_history(self, model: str = "", state: str = "", limit: int = 100
+                      ) -> list[AlertRecord]:
+        """Stored transitions, newest first, optionally only of a model / to a state."""
+        ...
 
     def close(self) -> None: ...

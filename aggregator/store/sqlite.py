@@ -6,17 +6,20 @@ connection per thread, so queries never wait for ingest commits.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import pathlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from agent.spec import Spec
 from agent.summary import Summary
 from agent.wire import ReportMeta, summary_from_proto, summary_to_proto
 from aggregator.store.base import (
+    AlertRecord,
     IngestOutcome,
     LabelSet,
     PrivacyStats,
@@ -72,7 +75,37 @@ CREATE TABLE IF NOT EXISTS rollups (
     summary BLOB NOT NULL,
     PRIMARY KEY (spec_hash, resolution, window_start, label_set)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alert_engines (
+    model TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    evaluated_until REAL NOT NULL,
+    snapshot TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (model, model_version)
+);
+CREATE TABLE IF NOT EXISTS alert_history (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    rule TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    model TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    previous_state TEXT NOT NULL,
+    state TEXT NOT NULL,
+    cohort TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    value REAL,
+    threshold REAL,
+    starts_at REAL NOT NULL,
+    ends_at REAL,
+    labels TEXT NOT NULL,
+    annotations TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alert_history_by_model ON alert_history (model, state, id);
 """
+# The alert tables were added without a schema version bump: CREATE IF NOT EXISTS adds them
+# to a database made by an earlier build, and nothing else changed.
 
 
 class SqliteStore:
@@ -263,9 +296,87 @@ class SqliteStore:
         return PrivacyStats(int(row[0]), int(row[1]), int(row[2]), int(row[3]),
                             float(row[4]), float(row[5]))
 
+    # -- alerting ----------------------------------------------------------------------------
+
+    def window_range(self, spec_hash: str) -> tuple[int, int] | None:
+        db = self._reader()
+        # Two single-aggregate queries: each is one seek in reports_by_window.
+        lo = db.execute("SELECT MIN(window_start) FROM reports WHERE spec_hash = ?",
+                        (spec_hash,)).fetchone()[0]
+        if lo is None:
+            return None
+        hi = db.execute("SELECT MAX(window_start) FROM reports WHERE spec_hash = ?",
+                        (spec_hash,)).fetchone()[0]
+        return int(lo), int(hi)
+
+    def label_keys(self) -> set[str]:
+        rows = self._reader().execute("SELECT canonical FROM label_sets").fetchall()
+        return {k for (canonical,) in rows for k in parse_labels(canonical)}
+
+    def load_alert_state(self, model: str, model_version: str) -> tuple[float, str] | None:
+        row = self._reader().execute(
+            "SELECT evaluated_until, snapshot FROM alert_engines WHERE model = ? "
+            "AND model_version = ?", (model, model_version)).fetchone()
+        return None if row is None else (float(row[0]), row[1])
+
+    def save_alert_window(self, model: str, model_version: str, evaluated_until: float,
+                          snapshot_json: str, transitions: Sequence[AlertRecord]) -> None:
+        with self._write_lock:
+            cur = self._writer.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                cur.execute(
+                    "INSERT OR REPLACE INTO alert_engines (model, model_version, "
+                    "evaluated_until, snapshot, updated_ms) VALUES (?, ?, ?, ?, ?)",
+                    (model, model_version, evaluated_until, snapshot_json,
+                     int(time.time() * 1000)))
+                cur.executemany(
+                    "INSERT INTO alert_history (at, rule, kind, model, model_version, "
+                    "fingerprint, previous_state, state, cohort, severity, value, threshold, "
+                    "starts_at, ends_at, labels, annotations) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(t.at_s, t.rule, t.kind, t.model, t.model_version, t.fingerprint,
+                      t.previous_state, t.state, json.dumps([list(p) for p in t.cohort]),
+                      t.severity, _real(t.value), _real(t.threshold), t.starts_at_s,
+                      t.ends_at_s, json.dumps(dict(t.labels), sort_keys=True),
+                      json.dumps(dict(t.annotations), sort_keys=True))
+                     for t in transitions])
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+
+    def alert_history(self, model: str = "", state: str = "", limit: int = 100
+                      ) -> list[AlertRecord]:
+        where, args = [], []
+        if model:
+            where.append("model = ?")
+            args.append(model)
+        if state:
+            where.append("state = ?")
+            args.append(state)
+        sql = ("SELECT at, rule, kind, model, model_version, fingerprint, previous_state, "
+               "state, cohort, severity, value, threshold, starts_at, ends_at, labels, "
+               "annotations FROM alert_history" + (" WHERE " + " AND ".join(where)
+                                                   if where else "")
+               + " ORDER BY id DESC LIMIT ?")
+        rows = self._reader().execute(sql, (*args, max(0, int(limit)))).fetchall()
+        return [AlertRecord(
+            at_s=r[0], rule=r[1], kind=r[2], model=r[3], model_version=r[4], fingerprint=r[5],
+            previous_state=r[6], state=r[7],
+            cohort=tuple((str(k), str(v)) for k, v in json.loads(r[8])), severity=r[9],
+            value=math.nan if r[10] is None else r[10],
+            threshold=math.nan if r[11] is None else r[11], starts_at_s=r[12], ends_at_s=r[13],
+            labels=json.loads(r[14]), annotations=json.loads(r[15])) for r in rows]
+
     def close(self) -> None:
         with self._write_lock:
             for db in self._readers:
                 db.close()
             self._readers.clear()
             self._writer.close()
+
+
+def _real(x: float) -> float | None:
+    """SQLite stores NaN as NULL anyway; say so explicitly."""
+    return None if math.isnan(x) else x

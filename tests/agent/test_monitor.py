@@ -103,9 +103,13 @@ def test_windows_follow_the_clock(make, clock):
         mon.observe({"x": x, "scene": "day"}, prediction="cat", latency_ms=t - 990)
     assert mon.flush(timeout_s=2.0) is False  # nothing listens: everything stays spooled
     reports = _reports(mon.spool)
-    assert [r.window_start_unix_s for r in reports] == [960, 1020, 1140]
-    assert [r.seq for r in reports] == [1, 2, 3]
-    assert [r.event_count for r in reports] == [2, 1, 2]
+    # 1080 saw no event: a heartbeat, in its place in the sequence.
+    assert [r.window_start_unix_s for r in reports] == [960, 1020, 1080, 1140]
+    assert [r.seq for r in reports] == [1, 2, 3, 4]
+    assert [r.heartbeat for r in reports] == [False, False, True, False]
+    assert [r.event_count for r in reports] == [2, 1, 0, 2]
+    heartbeat = reports.pop(2)
+    assert not heartbeat.features and not heartbeat.HasField("prediction")
     assert _hist(reports[0], "x") == [0, 1, 1, 0, 0]
     assert _hist(reports[1], "x") == [0, 0, 0, 1, 0]
     assert _hist(reports[2], "x") == [1, 0, 0, 0, 1]
@@ -121,8 +125,8 @@ def test_windows_follow_the_clock(make, clock):
     latency = kll_floats_sketch.deserialize(reports[0].latency_kll)
     assert latency.n == 2 and latency.get_max_value() == 20.0
     stats = mon.stats()
-    assert stats.events == 5 and stats.windows_closed == 3
-    assert stats.spool.pending == 3
+    assert stats.events == 5 and stats.windows_closed == 3 and stats.heartbeats == 1
+    assert stats.spool.pending == 4
     assert stats.last_delivery_error and "UNAVAILABLE" in stats.last_delivery_error
 
 
@@ -138,7 +142,10 @@ def test_poll_closes_only_expired_windows(make, clock):
     assert [r.window_start_unix_s for r in _reports(mon.spool)] == [960]
     clock.t = 1500.0
     mon.poll(timeout_s=1.0)
-    assert [r.window_start_unix_s for r in _reports(mon.spool)] == [960, 1020]
+    reports = _reports(mon.spool)
+    # 1080 .. 1380 were idle and have ended (1440 has not, with grace): heartbeats.
+    assert [r.window_start_unix_s for r in reports] == list(range(960, 1440, 60))
+    assert [r.heartbeat for r in reports] == [False, False] + [True] * 6
 
 
 def test_grace_period(make, clock):
@@ -347,9 +354,12 @@ def test_reopened_monitor_continues_seq(make, clock):
     mon.observe({"x": 0.5})
     mon.flush(timeout_s=1.0)
     reports = _reports(mon.spool)
-    assert [r.seq for r in reports] == [1, 2, 3]
-    assert [r.window_start_unix_s for r in reports] == [960, 1020, 1080]
-    assert mon.stats().spool.next_seq == 4
+    assert [r.seq for r in reports] == [1, 2, 3, 4]
+    # The second monitor started in 1020 and saw nothing there: its heartbeat (the first
+    # monitor's report for 1020 holds the events; the aggregator merges a heartbeat as zeros).
+    assert [r.window_start_unix_s for r in reports] == [960, 1020, 1020, 1080]
+    assert [r.heartbeat for r in reports] == [False, False, True, False]
+    assert mon.stats().spool.next_seq == 5
 
 
 def test_context_manager_closes(make, tmp_path, clock):

@@ -6,6 +6,7 @@ they are read back.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from fractions import Fraction
 
@@ -21,11 +22,13 @@ from agent.privacy import (
     noise_summary,
 )
 from agent.spec import (
+    BINARY,
     DEVICE_DAY,
     DISCRETE_GAUSSIAN,
     NO_NOISE,
     NUMERIC,
     FeatureSpec,
+    LabelSpec,
     PrivacySpec,
     Spec,
 )
@@ -160,6 +163,73 @@ def test_clamp_leaves_small_windows_alone() -> None:
     before = {k: v.copy() for k, v in s.features.items()}
     assert clamp_summary(s, 30, np.random.default_rng(3)) == 0
     assert all((s.features[k] == before[k]).all() for k in before)
+
+
+# -- label histograms ----------------------------------------------------------------------------
+
+LABELS = LabelSpec(BINARY, classes=("n", "p"), calibration_edges=(0, 0.5, 1),
+                   latency_edges=(0, 10, 100))
+
+
+def _labeled(privacy: PrivacySpec) -> Spec:
+    return dataclasses.replace(_spec(privacy), labels=LABELS)
+
+
+def test_label_histograms_share_the_window_epsilon() -> None:
+    # 3 features + prediction + confusion, calibration, label latency: scale 7/epsilon.
+    plan = noise_plan(_labeled(PrivacySpec(epsilon_per_window=0.5)))
+    assert plan is not None and plan.histograms == 7
+    assert plan.scale == Fraction(14)
+    assert noise_plan(_spec(PrivacySpec(epsilon_per_window=0.5))).scale == Fraction(8)
+
+
+def test_noise_summary_noises_the_label_histograms_with_the_plan() -> None:
+    spec = _labeled(PrivacySpec(epsilon_per_window=2.0))
+    plan = noise_plan(spec)
+    assert plan is not None
+    rng = np.random.default_rng(5)
+    diffs = []
+    for _ in range(300):
+        s = _summary(spec, 40, rng)
+        s.confusion = rng.multinomial(20, [0.4, 0.1, 0, 0.1, 0.4, 0, 0, 0, 0]).astype(np.int64)
+        s.calibration = rng.multinomial(20, [0.3, 0.2, 0.2, 0.3]).astype(np.int64)
+        s.label_latency = rng.multinomial(20, [0, 0.5, 0.5, 0, 0]).astype(np.int64)
+        s.labeled_count = 20
+        truth = {n: v.copy() for n, v in s.label_histograms().items()}
+        noise_summary(s, plan, SeededRandom(int(rng.integers(1 << 30))))
+        assert s.labeled_count == 20  # operational: released exactly
+        for n, before in truth.items():
+            diffs.extend(getattr(s, n) - before)
+    d = np.asarray(diffs, dtype=float)
+    # 5400 draws of a discrete Laplace: the sample variance's standard error is ~3% of the
+    # variance (kurtosis ~6); allow about 4 of them. The mean is within 5 standard errors.
+    assert abs(d.mean()) < 5 * math.sqrt(plan.variance_per_bin / d.size)
+    assert d.var() == pytest.approx(plan.variance_per_bin, rel=0.125)
+
+
+def test_clamp_bounds_the_labels_of_every_label_histogram() -> None:
+    rng = np.random.default_rng(6)
+    s = _summary(_labeled(PrivacySpec()), 5, rng)
+    s.labeled_count = 50
+    s.confusion = np.asarray([20, 5, 0, 5, 20, 0, 0, 0, 0], np.int64)
+    s.calibration = np.asarray([10, 10, 10, 10], np.int64)  # 40 of the 50 had a score
+    s.label_latency = np.asarray([0, 25, 25, 0, 0], np.int64)
+    kept_cal = []
+    for _ in range(400):
+        c = s.copy()
+        assert clamp_summary(c, 10, rng) == 0  # 5 events: the features are not clamped
+        assert c.clamped_label_count == 40 and c.clamped_event_count == 0
+        assert c.confusion.sum() == 10 and c.label_latency.sum() == 10
+        assert (c.confusion <= s.confusion).all() and (c.calibration <= s.calibration).all()
+        kept_cal.append(int(c.calibration.sum()))
+    # Of a uniform subsample of 10 labels, 40/50 had a score: 8 on average (sd 1.2 per
+    # draw, ~0.06 for the mean of 400).
+    assert np.mean(kept_cal) == pytest.approx(8.0, abs=0.3)
+    small = s.copy()
+    small.labeled_count = 8
+    small.confusion = np.asarray([8, 0, 0, 0, 0, 0, 0, 0, 0], np.int64)
+    clamp_summary(small, 10, rng)
+    assert small.clamped_label_count == 0 and small.confusion[0] == 8
 
 
 # -- the accountant ------------------------------------------------------------------------------

@@ -6,13 +6,26 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import SpecError
-from agent.spec import CATEGORICAL, NO_NOISE, NUMERIC, FeatureSpec, PrivacySpec, Spec
+from agent.spec import (
+    BINARY,
+    CATEGORICAL,
+    DEFAULT_LABEL_LATENCY_EDGES,
+    MULTICLASS,
+    NO_NOISE,
+    NUMERIC,
+    REGRESSION,
+    FeatureSpec,
+    LabelSpec,
+    PrivacySpec,
+    Spec,
+)
 
 
 def _spec(**overrides) -> Spec:
@@ -365,3 +378,91 @@ def test_feature_lookup():
     assert spec.feature("scene").type == CATEGORICAL
     with pytest.raises(KeyError):
         spec.feature("nope")
+
+
+# -- LabelSpec -----------------------------------------------------------------------------------
+
+def test_label_free_spec_keeps_its_hash() -> None:
+    # Computed with the spec code before labels existed (commit 30c6f2d): adding the `labels`
+    # field must not change the hash of any spec without labels.
+    assert _spec().hash == "6b80e0edd92c3253c00302c22a06e0db4af1ef599bb14e62f289bef5c5e467c4"
+    assert "labels" not in _spec().to_dict()
+
+
+def test_labels_change_the_hash_and_round_trip() -> None:
+    labels = LabelSpec(BINARY, classes=("no", "yes"), threshold=0.3)
+    spec = _spec(labels=labels)
+    assert spec.hash != _spec().hash
+    back = Spec.from_json(spec.to_json())
+    assert back == spec and back.hash == spec.hash and back.labels == labels
+    assert LabelSpec(BINARY, classes=("no", "yes")).threshold == 0.5
+    assert _spec(labels=LabelSpec(BINARY, classes=("no", "yes"), threshold=0.4)).hash != spec.hash
+
+
+def test_label_lengths_and_private_histograms() -> None:
+    binary = LabelSpec(BINARY, classes=("n", "p"))
+    assert (binary.confusion_length, binary.calibration_length, binary.residuals_length,
+            binary.label_latency_length) == (9, 20, 0, len(DEFAULT_LABEL_LATENCY_EDGES) + 2)
+    multi = LabelSpec(MULTICLASS, classes=("a", "b", "c"), calibration_edges=(0, 0.5, 1))
+    assert (multi.confusion_length, multi.calibration_length) == (16, 4)
+    reg = LabelSpec(REGRESSION, residual_edges=(-1, 0, 1))
+    assert (reg.confusion_length, reg.calibration_length, reg.residuals_length) == (0, 0, 5)
+    assert reg.calibration_edges == ()  # a regression spec carries no calibration
+    # Every feature, the prediction, and the task's label histograms share the epsilon.
+    assert _spec().private_histograms == 3
+    assert _spec(labels=binary).private_histograms == 6
+    assert _spec(labels=reg).private_histograms == 5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "words"),
+    [
+        (dict(task="ranking"), "labels.task", "ranking"),
+        (dict(task=BINARY, classes=("a",)), "labels.classes", "exactly 2"),
+        (dict(task=BINARY, classes=("a", "b", "c")), "labels.classes", "exactly 2"),
+        (dict(task=BINARY, classes=("a", "a")), "labels.classes", "distinct"),
+        (dict(task=BINARY, classes=("a", "")), "labels.classes", "1-200"),
+        (dict(task=MULTICLASS, classes=("a",)), "labels.classes", "2-100"),
+        (dict(task=MULTICLASS, classes=tuple(map(str, range(101)))), "labels.classes", "2-100"),
+        (dict(task=BINARY, classes=("a", "b"), threshold=1.5), "labels.threshold", "[0, 1]"),
+        (dict(task=BINARY, classes=("a", "b"), threshold=math.nan), "labels.threshold", "[0, 1]"),
+        (dict(task=BINARY, classes=("a", "b"), calibration_edges=(0.1, 1)),
+         "labels.calibration_edges", "from 0 to 1"),
+        (dict(task=BINARY, classes=("a", "b"), calibration_edges=(0, 0.9)),
+         "labels.calibration_edges", "from 0 to 1"),
+        (dict(task=BINARY, classes=("a", "b"), calibration_edges=(0, 0.5, 0.5, 1)),
+         "labels.calibration_edges", "increasing"),
+        (dict(task=BINARY, classes=("a", "b"), residual_edges=(0, 1)), "labels.residual_edges",
+         "regression"),
+        (dict(task=REGRESSION), "labels.residual_edges", "at least 2"),
+        (dict(task=REGRESSION, residual_edges=(1, 0)), "labels.residual_edges", "increasing"),
+        (dict(task=REGRESSION, residual_edges=(0, math.inf)), "labels.residual_edges",
+         "finite"),
+        (dict(task=REGRESSION, residual_edges=(0, 1), classes=("a",)), "labels.classes",
+         "no classes"),
+        (dict(task=REGRESSION, residual_edges=(0, 1), latency_edges=(-1, 0)),
+         "labels.latency_edges", "at least 0"),
+        (dict(task=REGRESSION, residual_edges=(0, 1), latency_edges=(5,)),
+         "labels.latency_edges", "at least 2"),
+        (dict(task=BINARY, classes=("a", "b"), latency_edges=(0, 10, 5)),
+         "labels.latency_edges", "increasing"),
+    ],
+)
+def test_label_spec_validation_names_the_field(kwargs: dict, field: str, words: str) -> None:
+    with pytest.raises(SpecError, match=re.escape(words)) as e:
+        LabelSpec(**kwargs)
+    assert e.value.field == field
+
+
+@pytest.mark.parametrize("labels,field", [
+    ("binary", "labels"),
+    ({"classes": ["a", "b"]}, "labels.task"),
+    ({"task": "binary", "classes": ["a", "b"], "colour": 1}, "labels"),
+])
+def test_label_spec_from_bad_json(labels, field: str) -> None:
+    d = _spec().to_dict()
+    del d["hash"]
+    d["labels"] = labels
+    with pytest.raises(SpecError) as e:
+        Spec.from_dict(d)
+    assert e.value.field == field

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.spec import CATEGORICAL, NUMERIC, FeatureSpec, Spec
-from agent.summary import _COUNTERS, KLL_K, Summary, empty_kll
+from agent.spec import BINARY, CATEGORICAL, NUMERIC, REGRESSION, FeatureSpec, LabelSpec, Spec
+from agent.summary import _COUNTERS, KLL_K, LABEL_HISTOGRAMS, Summary, empty_kll
 
 SPEC = Spec(
     model="m",
@@ -22,6 +22,11 @@ SPEC = Spec(
     prediction=FeatureSpec("p", CATEGORICAL, vocabulary=("0", "1")),
 )
 NO_PREDICTION = Spec(model="m", model_version="1", features=SPEC.features)
+LABELED = Spec(model="m", model_version="1", features=SPEC.features, prediction=SPEC.prediction,
+               labels=LabelSpec(BINARY, classes=("0", "1"), calibration_edges=(0, 0.5, 1),
+                                latency_edges=(0, 10, 100)))
+REGRESSOR = Spec(model="m", model_version="1", features=SPEC.features,
+                 labels=LabelSpec(REGRESSION, residual_edges=(-1, 0, 1)))
 
 # Three summaries of at most 60 latencies each stay below k: the sketches are exact.
 MAX_LATENCIES = 60
@@ -57,12 +62,14 @@ class Recipe:
     prediction: list | None
     latencies: list
     counters: dict
+    labels: dict
 
     def build(self) -> Summary:
         return Summary(
             features={k: np.asarray(v, dtype=np.int64) for k, v in self.features.items()},
             prediction=None if self.prediction is None else np.asarray(self.prediction, np.int64),
-            latency=_kll(self.latencies), **self.counters)
+            latency=_kll(self.latencies), **self.counters,
+            **{k: np.asarray(v, dtype=np.int64) for k, v in self.labels.items()})
 
 
 @st.composite
@@ -76,7 +83,15 @@ def summaries(draw, spec: Spec = SPEC, max_latencies: int = MAX_LATENCIES):
         n = spec.prediction.histogram_length
         prediction = draw(st.lists(counts, min_size=n, max_size=n))
     lat = draw(st.lists(st.floats(0, 1e6, width=32), max_size=max_latencies))
-    return Recipe(features, prediction, lat, {name: draw(_counter(name)) for name in _COUNTERS})
+    labels = {}
+    if spec.labels is not None:
+        # Noisy label counts may be negative: the monoid holds for any integers.
+        noisy = st.integers(-2**40, 2**40)
+        for name in spec.labels.histograms:
+            n = spec.labels.histogram_length(name)
+            labels[name] = draw(st.lists(noisy, min_size=n, max_size=n))
+    return Recipe(features, prediction, lat, {name: draw(_counter(name)) for name in _COUNTERS},
+                  labels)
 
 
 def assert_same(a: Summary, b: Summary) -> None:
@@ -92,6 +107,11 @@ def assert_same(a: Summary, b: Summary) -> None:
         assert a.prediction.tolist() == b.prediction.tolist()
     for name in _COUNTERS:
         assert getattr(a, name) == getattr(b, name), name
+    for name in LABEL_HISTOGRAMS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert x.dtype == np.int64 and x.tolist() == y.tolist(), name
     assert a.latency.n == b.latency.n
     assert _items(a.latency) == _items(b.latency)
     if not a.latency.is_empty():
@@ -103,7 +123,9 @@ def _snapshot(s: Summary) -> tuple:
     return ({k: v.tolist() for k, v in s.features.items()},
             None if s.prediction is None else s.prediction.tolist(),
             s.latency.n, _items(s.latency),  # (not the bytes: queries sort level 0 in place)
-            tuple(getattr(s, n) for n in _COUNTERS))
+            tuple(getattr(s, n) for n in _COUNTERS),
+            tuple(None if getattr(s, n) is None else getattr(s, n).tolist()
+                  for n in LABEL_HISTOGRAMS))
 
 
 # -- the monoid laws ---------------------------------------------------------------------------
@@ -152,6 +174,50 @@ def test_laws_without_prediction(a, b):
     assert_same(a.merge(b), b.merge(a))
     assert_same(a.merge(Summary.zero(NO_PREDICTION)), a)
     assert a.merge(b).prediction is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([LABELED, REGRESSOR]).flatmap(
+    lambda spec: st.tuples(st.just(spec), summaries(spec), summaries(spec), summaries(spec))))
+def test_laws_with_label_histograms(args):
+    spec, a, b, c = args
+    a, b, c = a.build(), b.build(), c.build()
+    zero = Summary.zero(spec)
+    assert_same(zero.merge(a), a)
+    assert_same(a.merge(zero), a)
+    assert_same(a.merge(b), b.merge(a))
+    assert_same(a.merge(b).merge(c), a.merge(b.merge(c)))
+    m = a.merge(b)
+    for name in spec.labels.histograms:
+        assert getattr(m, name).tolist() == (getattr(a, name) + getattr(b, name)).tolist()
+    before = _snapshot(a)
+    m.merge_in(a)
+    for name in spec.labels.histograms:
+        getattr(m, name)[0] += 1
+    c2 = a.copy()
+    getattr(c2, spec.labels.histograms[0])[0] += 1
+    assert _snapshot(a) == before  # neither merge nor copy shares the label arrays
+
+
+def test_label_histograms_of_different_specs_do_not_merge():
+    with pytest.raises(ValueError, match="confusion"):
+        Summary.zero(LABELED).merge(Summary.zero(SPEC))
+    with pytest.raises(ValueError, match="confusion"):
+        Summary.zero(SPEC).merge(Summary.zero(LABELED))
+    other = Summary.zero(LABELED)
+    other.calibration = np.zeros(6, np.int64)
+    with pytest.raises(ValueError, match="calibration"):
+        Summary.zero(LABELED).merge(other)
+
+
+def test_zero_label_layout():
+    z = Summary.zero(LABELED)
+    assert z.confusion.tolist() == [0] * 9 and z.calibration.tolist() == [0] * 4
+    assert z.label_latency.tolist() == [0] * 5 and z.residuals is None
+    r = Summary.zero(REGRESSOR)
+    assert r.residuals.tolist() == [0] * 5 and r.confusion is None and r.calibration is None
+    assert Summary.zero(SPEC).label_histograms() == {}
+    assert list(z.label_histograms()) == ["confusion", "calibration", "label_latency"]
 
 
 @settings(max_examples=50, deadline=None)
@@ -271,6 +337,12 @@ def test_equality_sees_every_part():
     s = base.copy()
     s.latency.update(1.0)
     changed.append(s)
+    labeled = Summary.zero(LABELED)
+    for name in LABELED.labels.histograms:
+        s = labeled.copy()
+        getattr(s, name)[0] = 1
+        assert s != labeled
+    assert labeled != Summary.zero(SPEC)
     for s in changed:
         assert s != base
     assert base == Summary.zero(SPEC)

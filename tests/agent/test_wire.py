@@ -10,8 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import SpecError
-from agent.spec import CATEGORICAL, NUMERIC, FeatureSpec, Spec
-from agent.summary import _COUNTERS, Summary, empty_kll
+from agent.spec import (
+    BINARY,
+    CATEGORICAL,
+    MULTICLASS,
+    NUMERIC,
+    REGRESSION,
+    FeatureSpec,
+    LabelSpec,
+    Spec,
+)
+from agent.summary import _COUNTERS, LABEL_HISTOGRAMS, Summary, empty_kll
 from agent.wire import (
     ReportMeta,
     report_from_proto,
@@ -308,3 +317,91 @@ def test_invalid_proto_spec_is_refused_with_the_field():
     with pytest.raises(SpecError) as info:
         spec_from_proto(msg)
     assert info.value.field == "features['brightness'].edges"
+
+
+# -- ground truth and heartbeats ----------------------------------------------------------------
+
+@pytest.mark.parametrize("labels", [
+    LabelSpec(BINARY, classes=("no", "yes"), threshold=0.25),
+    LabelSpec(MULTICLASS, classes=("cat", "dog", "ünï"), calibration_edges=(0, 0.3, 1),
+              latency_edges=(0, 5, 60)),
+    LabelSpec(REGRESSION, residual_edges=(-3.5, 0, 1e-9, 2)),
+])
+def test_spec_with_labels_round_trip(labels):
+    spec = dataclasses.replace(SPEC, labels=labels)
+    msg = pb.Spec.FromString(spec_to_proto(spec).SerializeToString())
+    assert msg.HasField("labels") and msg.hash == spec.hash
+    back = spec_from_proto(msg)
+    assert back == spec and back.hash == spec.hash and back.labels == labels
+    assert not spec_to_proto(SPEC).HasField("labels")
+    assert spec_from_proto(spec_to_proto(SPEC)).labels is None
+
+
+def test_spec_with_unknown_label_task_is_refused():
+    msg = spec_to_proto(dataclasses.replace(SPEC, labels=LabelSpec(BINARY, classes=("a", "b"))))
+    msg.labels.task = 99
+    msg.hash = ""
+    with pytest.raises(SpecError) as e:
+        spec_from_proto(msg)
+    assert e.value.field == "labels.task"
+    msg.labels.task = pb.LABEL_TASK_BINARY
+    del msg.labels.classes[:]
+    with pytest.raises(SpecError) as e:
+        spec_from_proto(msg)
+    assert e.value.field == "labels.classes"
+
+
+def _labeled_summary() -> Summary:
+    s = _build(({"x": [1, 2, 3]}, [0, 3, 0], [4.0, 5.0], {n: 3 for n in _COUNTERS}))
+    s.confusion = np.asarray([5, -1, 0, 2**62, 0, 1, 0, 0, 0], np.int64)  # noisy counts
+    s.calibration = np.asarray([1, 2, 3, -4], np.int64)
+    s.label_latency = np.asarray([0, 7, 1, 0, 0], np.int64)
+    s.labeled_count, s.clamped_label_count = 9, 2
+    s.labels_unmatched_count, s.label_cache_evicted_count = 4, 5
+    return s
+
+
+def test_summary_round_trip_with_label_histograms():
+    s = _labeled_summary()
+    s.heartbeat_count, s.label_histogram_count = 11, 7
+    back = summary_from_proto(pb.Summary.FromString(summary_to_proto(s).SerializeToString()))
+    _assert_exact(s, back)
+    for name in LABEL_HISTOGRAMS:
+        mine, theirs = getattr(s, name), getattr(back, name)
+        assert (mine is None and theirs is None) or mine.tolist() == theirs.tolist(), name
+    assert back.residuals is None
+    assert back == s
+
+
+def test_report_carries_labels_and_derives_the_label_histogram_count():
+    s = _labeled_summary()
+    s.report_count = 1
+    msg = pb.WindowReport.FromString(report_to_proto(_meta(), s).SerializeToString())
+    assert (msg.labeled_count, msg.clamped_label_count) == (9, 2)
+    assert (msg.labels_unmatched_count, msg.label_cache_evicted_count) == (4, 5)
+    assert not msg.heartbeat and not msg.HasField("residuals")
+    meta, back = report_from_proto(msg)
+    assert not meta.heartbeat
+    assert back.confusion.tolist() == s.confusion.tolist()
+    assert back.calibration.tolist() == s.calibration.tolist()
+    assert back.label_latency.tolist() == s.label_latency.tolist()
+    assert back.label_histogram_count == 7 and back.heartbeat_count == 0
+    # Withheld: nothing private leaves the device, the label counts still do.
+    msg = report_to_proto(_meta(private_withheld=True), s)
+    assert not any(msg.HasField(n) for n in LABEL_HISTOGRAMS)
+    assert msg.labeled_count == 9
+    _, back = report_from_proto(msg)
+    assert back.label_histogram_count == 0 and back.confusion is None
+
+
+def test_heartbeat_report_carries_no_histograms_and_no_sketch():
+    s = _labeled_summary()
+    msg = report_to_proto(_meta(heartbeat=True), s)
+    assert msg.heartbeat
+    assert not msg.features and not msg.HasField("prediction")
+    assert not any(msg.HasField(n) for n in LABEL_HISTOGRAMS)
+    assert msg.latency_kll == b""
+    meta, back = report_from_proto(pb.WindowReport.FromString(msg.SerializeToString()))
+    assert meta.heartbeat and back.heartbeat_count == 1
+    assert back.histogram_event_count == 0 and back.label_histogram_count == 0
+    assert back.latency.is_empty()

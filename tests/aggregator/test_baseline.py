@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import ConfigError
-from agent.spec import CATEGORICAL, NUMERIC, Spec
+from agent.spec import BINARY, CATEGORICAL, MULTICLASS, NUMERIC, REGRESSION, Spec
 from aggregator.baseline import (
     BaselineOptions,
     bin_numeric,
@@ -455,3 +455,109 @@ def test_options_validation(field: str, value: object) -> None:
 def test_options_accept_limits() -> None:
     o = BaselineOptions(bins=np.int64(999), top_k=1000, window_length_s=86400)  # type: ignore[arg-type]
     assert o.bins == 999 and type(o.bins) is int
+
+
+# -- ground truth -------------------------------------------------------------------------------
+
+def _labeled_columns(seed: int = 11, n: int = 2000) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, n)
+    score = 1 / (1 + np.exp(-2 * x))
+    return {"x": x, "score": score, "y": (rng.random(n) < score).astype(np.int64)}
+
+
+def test_binary_task_is_inferred_from_a_score_and_two_labels() -> None:
+    cols = _labeled_columns()
+    spec = build_spec_from_columns(cols, model="m", model_version="1", prediction_col="score",
+                                   label_col="y")
+    assert spec.labels is not None and spec.labels.task == BINARY
+    assert spec.labels.classes == ("0", "1") and spec.labels.threshold == 0.5
+    assert [f.name for f in spec.features] == ["x"]  # the label is not a feature
+    for labels, classes in ((np.where(cols["y"] == 1, "yes", "no"), ("no", "yes")),
+                            (cols["y"] == 1, ("False", "True")),
+                            (np.where(cols["y"] == 1, 3.0, -1.0), ("-1", "3")),
+                            (np.where(cols["y"] == 1, "b", "a"), ("a", "b"))):
+        spec = build_spec_from_columns({**cols, "y": labels}, model="m", model_version="1",
+                                       prediction_col="score", label_col="y")
+        assert spec.labels.classes == classes  # the positive class second
+
+
+def test_multiclass_task_from_a_categorical_prediction() -> None:
+    rng = np.random.default_rng(12)
+    classes = np.array(["cat", "dog", "owl", "emu"])
+    y = classes[rng.choice(4, 3000, p=[0.5, 0.3, 0.15, 0.05])]
+    cols = {"x": rng.normal(size=3000), "pred": y.copy(), "y": y}
+    spec = build_spec_from_columns(cols, model="m", model_version="1", prediction_col="pred",
+                                   label_col="y", options=BaselineOptions(top_k=3))
+    assert spec.labels.task == MULTICLASS
+    assert spec.labels.classes == ("cat", "dog", "owl")  # the label's top-3 by count
+
+
+def test_regression_residual_edges_cover_the_reference_residuals() -> None:
+    rng = np.random.default_rng(13)
+    n = 5000
+    y = rng.normal(10, 4, n)
+    pred = y + rng.normal(0, 0.7, n)
+    cols = {"x": rng.normal(size=n), "pred": pred, "y": y}
+    spec = build_spec_from_columns(cols, model="m", model_version="1", prediction_col="pred",
+                                   label_col="y")
+    ls = spec.labels
+    assert ls.task == REGRESSION and len(ls.residual_edges) == 41
+    half = ls.residual_edges[-1]
+    assert ls.residual_edges[0] == -half
+    assert np.allclose(np.diff(ls.residual_edges), 2 * half / 40)
+    # Independently: the 99.9th percentile of |residual|, rounded up to 2 significant digits.
+    q = np.quantile(np.abs(pred - y), 0.999)
+    assert q <= half <= q * 1.1 + 1e-12
+    assert float(f"{half:.2g}") == half
+    # The same data in another row order gives the same spec.
+    order = rng.permutation(n)
+    again = build_spec_from_columns({k: v[order] for k, v in cols.items()}, model="m",
+                                    model_version="1", prediction_col="pred", label_col="y")
+    assert again.hash == spec.hash
+
+
+def test_task_can_be_given_and_is_checked() -> None:
+    cols = _labeled_columns()
+    rng = np.random.default_rng(14)
+    reg = {**cols, "y": rng.normal(size=cols["y"].size)}
+    spec = build_spec_from_columns(reg, model="m", model_version="1", prediction_col="score",
+                                   label_col="y", task="regression")
+    assert spec.labels.task == REGRESSION
+    with pytest.raises(ConfigError, match="exactly 2 distinct"):
+        build_spec_from_columns(reg, model="m", model_version="1", prediction_col="score",
+                                label_col="y", task="binary")
+    with pytest.raises(ConfigError, match="categorical prediction"):
+        build_spec_from_columns(cols, model="m", model_version="1", prediction_col="score",
+                                label_col="y", task="multiclass")
+    with pytest.raises(ConfigError, match="task must be one of"):
+        build_spec_from_columns(cols, model="m", model_version="1", prediction_col="score",
+                                label_col="y", task="ranking")
+    with pytest.raises(ConfigError, match="prediction column"):
+        build_spec_from_columns(cols, model="m", model_version="1", label_col="y",
+                                task="binary")
+    # A score outside [0, 1] and a two-valued label: not a probability, no guess.
+    with pytest.raises(ConfigError, match="--task"):
+        build_spec_from_columns({**cols, "score": cols["score"] * 5}, model="m",
+                                model_version="1", prediction_col="score", label_col="y")
+    # Without a prediction to join with, the label is left out (as before labels existed).
+    spec = build_spec_from_columns(cols, model="m", model_version="1", label_col="y")
+    assert spec.labels is None
+
+
+def test_cli_baseline_build_with_task(tmp_path: pathlib.Path) -> None:
+    from aggregator.cli import main
+
+    cols = _labeled_columns(n=300)
+    data = tmp_path / "ref.csv"
+    with data.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["x", "score", "y"])
+        w.writerows(zip(cols["x"], cols["score"], cols["y"], strict=True))
+    out = tmp_path / "spec.json"
+    assert main(["baseline", "build", "--data", str(data), "--model", "m", "--model-version",
+                 "1", "--prediction-col", "score", "--label-col", "y", "--task", "binary",
+                 "--out", str(out)]) == 0
+    spec = Spec.load(out)
+    assert spec.labels is not None and spec.labels.classes == ("0", "1")
+    assert spec.private_histograms == 5  # x, the score, and three label histograms

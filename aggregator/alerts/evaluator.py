@@ -1,0 +1,446 @@
+"""The server side of alerting: which windows are closed, evaluate them, persist, notify.
+
+Example::
+
+    rules = load_server_rules("alerts.toml", store)        # validated against the database
+    evaluator = AlertEvaluator(store, rules, MultiNotifier([LogNotifier()]))
+    ingestor = Ingestor(store, on_accepted=evaluator.on_accepted)
+    evaluator.start()                                       # a thread, every tick_s
+    ...
+    evaluator.close()
+
+One :class:`~aggregator.alerts.engine.AlertEngine` per (model, model_version) with reports.
+Event time decides what a window holds and when it is closed: per spec, the *watermark* is
+the largest window start received minus ``lateness_s`` (default: one window length), and every
+window whose end is at or before it is evaluated once, in order. The only wall-clock input is
+the idle flush: when no report of a spec arrived for ``idle_flush_s``, its watermark moves to
+the end of its latest window, so the last windows of a replay or of a quiet fleet are
+evaluated too. A report for a window already evaluated still counts in ``fleetwatch health``
+but not in alerts.
+
+After each window, the engine's snapshot and the window's transitions are stored in one
+transaction, then the firing / resolved transitions are handed to the notifier (which never
+blocks). A restart restores the engine from the snapshot and continues after the last
+evaluated window: an alert firing before it is not notified again. Semantics and options:
+``docs/alerts.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.errors import ConfigError, ValidationError
+from aggregator.alerts.engine import Alert, AlertEngine, AlertTransition, BudgetState
+from aggregator.alerts.rules import RuleSet, load_rules_file
+from aggregator.alerts.samples import window_samples
+from aggregator.notify import Notification, Notifier
+from aggregator.store.base import AlertRecord, Store
+
+__all__ = ["AlertEvaluator", "AlertsView", "EvaluatorConfig", "ModelBudget",
+           "load_server_rules", "target_key"]
+
+logger = logging.getLogger(__name__)
+
+STATES = ("pending", "firing", "resolved")
+_NOTIFY = ("firing", "resolved")
+# Consecutive failures computing one window's samples before it is evaluated as "no data"
+# (so one bad window cannot stop a model's alerting forever).
+_MAX_SAMPLE_FAILURES = 3
+# Without transitions, the snapshot is written at least every this many windows and whenever
+# the engine has caught up; windows evaluated after the last write are evaluated again after
+# a restart (same event time, same data: same result, and they had no transitions to repeat).
+_SNAPSHOT_EVERY = 30
+
+
+def target_key(model: str, model_version: str) -> str:
+    """The key of ``ListAlertsResponse.evaluated_until``: ``MODEL/VERSION``."""
+    return f"{model}/{model_version}"
+
+
+@dataclass(frozen=True)
+class EvaluatorConfig:
+    """``lateness_s``: None means one window length. ``idle_flush_s``: wall-clock quiet time
+    after which a spec's last windows are evaluated. ``lookback_s``: on first start (and after
+    a long gap) evaluation begins at most this far behind the watermark."""
+
+    lateness_s: float | None = None
+    idle_flush_s: float = 30.0
+    tick_s: float = 0.5
+    max_windows_per_tick: int = 60
+    lookback_s: float = 86400.0
+    stale_s: float = 900.0
+    external_url: str = ""
+
+    def __post_init__(self) -> None:
+        if self.lateness_s is not None and not (math.isfinite(self.lateness_s)
+                                                and self.lateness_s >= 0):
+            raise ConfigError(f"lateness_s: must be >= 0, got {self.lateness_s!r}")
+        for name in ("idle_flush_s", "tick_s", "lookback_s", "stale_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name}: must be a positive number of seconds, got "
+                                  f"{value!r}")
+        if not (isinstance(self.max_windows_per_tick, int) and self.max_windows_per_tick >= 1):
+            raise ConfigError(f"max_windows_per_tick: must be an int >= 1, got "
+                              f"{self.max_windows_per_tick!r}")
+
+
+@dataclass(frozen=True)
+class ModelBudget:
+    model: str
+    model_version: str
+    budget: BudgetState
+
+
+@dataclass(frozen=True)
+class AlertsView:
+    """What ``ListAlerts`` answers: alerts (pending and firing first, then resolved ones,
+    newest first), SLO budgets, and per ``MODEL/VERSION`` the last evaluated window end."""
+
+    alerts: tuple[AlertRecord, ...]
+    budgets: tuple[ModelBudget, ...]
+    evaluated_until: Mapping[str, float]
+
+
+def load_server_rules(path: str | Path, store: Store) -> RuleSet:
+    """Load a rule file, validated against what the database knows.
+
+    ``by`` keys are checked against the label keys devices have reported (when any device
+    has), ``psi:FEATURE`` / ``drifting:FEATURE`` and ``model`` against the registered specs
+    (when there are any). Raises ``RuleError`` (a ``ConfigError``) naming the line.
+    """
+    keys = store.label_keys()
+    specs = store.list_specs()
+    if not keys:
+        logger.warning("rules %s: no device has reported yet, so the 'by' keys cannot be "
+                       "checked against device labels", path)
+    features = {f.name for s in specs for f in (*s.features, *([s.prediction]
+                                                              if s.prediction else []))}
+    models = {s.model for s in specs}
+    rules = load_rules_file(path, known_label_keys=keys or None,
+                            known_features=features if specs else None,
+                            known_models=models if specs else None)
+    logger.info("rules %s: %d threshold rules, %d SLOs", path, len(rules.rules), len(rules.slos))
+    return rules
+
+
+@dataclass
+class _Target:
+    """The alerting state of one (model, model_version)."""
+
+    model: str
+    model_version: str
+    window_s: int
+    rules: RuleSet
+    hashes: set[str] = field(default_factory=set)
+    engine: AlertEngine | None = None
+    next_start: int | None = None     # start of the next window to evaluate
+    saved_snapshot: str = ""          # the snapshot last written to the database
+    unsaved: int = 0                  # windows evaluated since it was written
+    sample_failures: int = 0
+
+    @property
+    def key(self) -> str:
+        return target_key(self.model, self.model_version)
+
+
+class AlertEvaluator:
+    """Evaluates the rules on closed windows in a background thread; thread-safe.
+
+    ``clock`` (monotonic seconds) is only used for the idle flush.
+    """
+
+    def __init__(self, store: Store, rules: RuleSet, notifier: Notifier,
+                 config: EvaluatorConfig | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.rules = rules
+        self.notifier = notifier
+        self.config = config or EvaluatorConfig()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._max_start: dict[str, int] = {}
+        self._min_start: dict[str, int] = {}
+        self._last_arrival: dict[str, float] = {}
+        self._new_hashes: set[str] = set()
+        self._seen_hashes: set[str] = set()   # registered (to a target, or no rules apply)
+        self._targets: dict[tuple[str, str], _Target] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.windows_evaluated = 0
+        self.notifications = 0
+        self.errors = 0
+        now = self._clock()
+        for spec in store.list_specs():
+            found = store.window_range(spec.hash)
+            if found is not None:
+                self._min_start[spec.hash], self._max_start[spec.hash] = found
+                self._last_arrival[spec.hash] = now
+                self._new_hashes.add(spec.hash)
+
+    # -- the ingest side ------------------------------------------------------------------------
+
+    def on_accepted(self, spec_hash: str, window_start: int) -> None:
+        """Called by the ingestor for every accepted report; cheap, never raises."""
+        with self._lock:
+            if window_start > self._max_start.get(spec_hash, window_start - 1):
+                self._max_start[spec_hash] = window_start
+            if window_start < self._min_start.get(spec_hash, window_start + 1):
+                self._min_start[spec_hash] = window_start
+            self._last_arrival[spec_hash] = self._clock()
+            if spec_hash not in self._seen_hashes:
+                self._new_hashes.add(spec_hash)
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    def _register_new_hashes(self) -> None:
+        with self._lock:
+            new, self._new_hashes = self._new_hashes, set()
+        for h in sorted(new):
+            spec = self.store.get_spec("", spec_hash=h)
+            if spec is None:  # cannot happen: ingest refuses unknown specs
+                continue
+            key = (spec.model, spec.model_version)
+            rules = self.rules.for_model(spec.model)
+            # The health query reads the latest spec of the version: use its window length.
+            latest = self.store.get_spec(spec.model, spec.model_version) or spec
+            with self._lock:
+                self._seen_hashes.add(h)
+                if not rules.rules and not rules.slos:
+                    continue
+                target = self._targets.get(key)
+                if target is None:
+                    target = _Target(spec.model, spec.model_version, latest.window_length_s,
+                                     rules)
+                    self._targets[key] = target
+                target.hashes.add(h)
+
+    def _watermark(self, target: _Target, now: float) -> tuple[int, int] | None:
+        """(watermark, earliest window start) of a target, or None without reports."""
+        with self._lock:
+            hashes = [h for h in target.hashes if h in self._max_start]
+            if not hashes:
+                return None
+            latest = max(self._max_start[h] for h in hashes)
+            earliest = min(self._min_start[h] for h in hashes)
+            idle = all(now - self._last_arrival[h] >= self.config.idle_flush_s for h in hashes)
+        if idle:
+            return latest + target.window_s, earliest
+        lateness = (target.window_s if self.config.lateness_s is None
+                    else self.config.lateness_s)
+        return int(latest - lateness), earliest
+
+    def _start(self, target: _Target, watermark: int, earliest: int) -> None:
+        """Create the target's engine: restored from the database, or fresh."""
+        extra = {"model": target.model, "model_version": target.model_version}
+        kwargs = {"stale_s": self.config.stale_s, "extra_labels": extra}
+        saved = self.store.load_alert_state(target.model, target.model_version)
+        engine = None
+        if saved is not None:
+            until, snapshot = saved
+            try:
+                engine = AlertEngine.restore(target.rules, json.loads(snapshot), **kwargs)
+            except Exception:  # a corrupt or incompatible snapshot: continue without it
+                logger.exception("alerts %s: cannot restore the saved engine state; firing "
+                                 "alerts will fire (and notify) again", target.key)
+            target.next_start = int(until)
+            logger.info("alerts %s: continuing after window end %d", target.key, int(until))
+        else:
+            L = target.window_s
+            target.next_start = max(earliest // L * L,
+                                    int(watermark - self.config.lookback_s) // L * L)
+        target.engine = engine or AlertEngine(target.rules, **kwargs)
+        target.saved_snapshot = json.dumps(target.engine.snapshot())
+
+    def _next_window(self, target: _Target, now: float) -> int | None:
+        found = self._watermark(target, now)
+        if found is None:
+            return None
+        watermark, earliest = found
+        if target.engine is None:
+            self._start(target, watermark, earliest)
+        assert target.next_start is not None
+        L = target.window_s
+        floor = int(watermark - self.config.lookback_s) // L * L
+        if target.next_start < floor:  # a long gap: do not walk through days of empty windows
+            logger.info("alerts %s: skipping windows %d..%d (more than %ds behind the "
+                        "watermark)", target.key, target.next_start, floor,
+                        self.config.lookback_s)
+            target.next_start = floor
+        start = target.next_start
+        return start if start + L <= watermark else None
+
+    def tick(self) -> int:
+        """Evaluate the closed windows, at most ``max_windows_per_tick``; how many were."""
+        self._register_new_hashes()
+        now = self._clock()
+        budget = self.config.max_windows_per_tick
+        done = 0
+        with self._lock:
+            targets = list(self._targets.values())
+        blocked: set[str] = set()
+        progress = True
+        while budget > 0 and progress:
+            progress = False
+            for target in targets:  # one window per target in turn: no model starves
+                if budget == 0 or target.key in blocked:
+                    continue
+                try:
+                    start = self._next_window(target, now)
+                    if start is None:
+                        self._save_if_unsaved(target)
+                        continue
+                    self._evaluate(target, start, now)
+                except Exception:
+                    self.errors += 1
+                    blocked.add(target.key)
+                    if self.errors & (self.errors - 1) == 0:  # log at 1, 2, 4, 8, ... errors
+                        logger.exception("alerts %s: evaluation failed (%d errors so far)",
+                                         target.key, self.errors)
+                    continue
+                done += 1
+                budget -= 1
+                progress = True
+        return done
+
+    def _evaluate(self, target: _Target, start: int, now: float) -> None:
+        engine = target.engine
+        assert engine is not None
+        end = start + target.window_s
+        try:
+            samples = window_samples(self.store, target.model, target.model_version,
+                                     engine.samplings, start, end)
+            target.sample_failures = 0
+        except Exception:
+            target.sample_failures += 1
+            if target.sample_failures < _MAX_SAMPLE_FAILURES:
+                raise
+            logger.exception("alerts %s: window %d failed %d times; evaluating it as "
+                             "without data", target.key, start, target.sample_failures)
+            target.sample_failures = 0
+            samples = {}
+        with self._lock:  # ListAlerts reads the engine from other threads
+            transitions = engine.evaluate(start, end, samples)
+        records = [self._record(target, t) for t in transitions if t.new_state in _NOTIFY]
+        target.next_start = end
+        target.unsaved += 1
+        if records or target.unsaved >= _SNAPSHOT_EVERY \
+                or self._next_window(target, now) is None:
+            self._save(target, records)
+        self.windows_evaluated += 1
+        if records:
+            notes = [self._notification(t.alert) for t in transitions
+                     if t.new_state in _NOTIFY]
+            self.notifications += len(notes)
+            self.notifier.notify(notes)
+
+    def _save(self, target: _Target, records: Sequence[AlertRecord]) -> None:
+        engine = target.engine
+        assert engine is not None and target.next_start is not None
+        with self._lock:
+            snapshot = json.dumps(engine.snapshot())
+        try:
+            self.store.save_alert_window(target.model, target.model_version,
+                                         float(target.next_start), snapshot, records)
+        except Exception:
+            # Back to the last stored state: the windows since are evaluated again next tick,
+            # and their transitions are neither lost nor notified twice.
+            with self._lock:
+                target.engine = AlertEngine.restore(
+                    target.rules, json.loads(target.saved_snapshot),
+                    stale_s=self.config.stale_s, extra_labels=dict(engine.extra_labels))
+                last = target.engine.last_window_end_s
+                target.next_start = None if last is None else int(last)
+            if target.next_start is None:
+                target.engine = None  # no window stored yet: start over from the database
+            target.unsaved = 0
+            raise
+        target.saved_snapshot = snapshot
+        target.unsaved = 0
+
+    def _save_if_unsaved(self, target: _Target) -> None:
+        if target.unsaved:
+            self._save(target, ())
+
+    def _record(self, target: _Target, t: AlertTransition) -> AlertRecord:
+        return _alert_record(target, t.alert, t.at_s, t.previous_state)
+
+    def _notification(self, alert: Alert) -> Notification:
+        return Notification(
+            status="resolved" if alert.state == "resolved" else "firing",
+            labels=alert.labels, annotations=alert.annotations,
+            starts_at_s=alert.starts_at_s,
+            ends_at_s=alert.ends_at_s if alert.state == "resolved" else None,
+            fingerprint=alert.fingerprint, generator_url=self.config.external_url)
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def view(self, model: str = "", state: str = "", resolved_limit: int = 20) -> AlertsView:
+        """Current alerts from the engines, resolved ones from the database's history."""
+        if state and state not in STATES:
+            raise ValidationError("state", f"must be one of {', '.join(STATES)} or empty, got "
+                                  f"{state!r}")
+        alerts: list[AlertRecord] = []
+        budgets: list[ModelBudget] = []
+        until: dict[str, float] = {}
+        with self._lock:
+            targets = sorted(self._targets.values(), key=lambda t: t.key)
+            for t in targets:
+                if t.engine is None or (model and t.model != model):
+                    continue
+                if t.engine.last_window_end_s is not None:
+                    until[t.key] = t.engine.last_window_end_s
+                at = t.engine.last_window_end_s or 0.0
+                if state != "resolved":
+                    for a in t.engine.alerts():
+                        if a.state in ("pending", "firing") and state in ("", a.state):
+                            alerts.append(_alert_record(t, a, at, ""))
+                budgets.extend(ModelBudget(t.model, t.model_version, b)
+                               for b in t.engine.budgets())
+        if state in ("", "resolved"):
+            alerts.extend(self.store.alert_history(model, "resolved", resolved_limit))
+        return AlertsView(tuple(alerts), tuple(budgets), until)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True, name="fleetwatch-alerts")
+        self._thread.start()
+
+    def _run(self) -> None:
+        delay = 0.0
+        while not self._stop.wait(delay):
+            try:
+                done = self.tick()
+            except Exception:  # never let the loop die: count, log, carry on
+                self.errors += 1
+                logger.exception("alert evaluation tick failed (%d errors so far)", self.errors)
+                done = 0
+            # A full tick means a backlog: yield briefly so queries get the GIL, then go on.
+            delay = (self.config.tick_s / 10 if done >= self.config.max_windows_per_tick
+                     else self.config.tick_s)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread, then give the notifier ``timeout_s`` to deliver what is queued."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout_s
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        self.notifier.close(max(0.0, deadline - time.monotonic()))
+
+
+def _alert_record(target: _Target, alert: Alert, at_s: float, previous: str) -> AlertRecord:
+    return AlertRecord(
+        at_s=at_s, rule=alert.rule, kind=alert.kind, model=target.model,
+        model_version=target.model_version, fingerprint=alert.fingerprint,
+        previous_state=previous, state=alert.state, cohort=alert.cohort,
+        severity=alert.severity, value=alert.value, threshold=alert.threshold,
+        starts_at_s=alert.starts_at_s, ends_at_s=alert.ends_at_s,
+        labels=dict(alert.labels), annotations=dict(alert.annotations))
