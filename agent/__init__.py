@@ -2,12 +2,13 @@
 
 from agent.errors import ConfigError, FleetwatchError, SpecError, ValidationError
 from agent.monitor import Monitor, MonitorStats
-from agent.spec import FeatureSpec, Spec
+from agent.spec import FeatureSpec, LabelSpec, Spec
 
 __all__ = [
     "ConfigError",
     "FeatureSpec",
     "FleetwatchError",
+    "LabelSpec",
     "Monitor",
     "MonitorStats",
     "Spec",

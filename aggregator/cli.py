@@ -354,7 +354,7 @@ def cmd_spec_show(ns: argparse.Namespace) -> int:
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
-    from aggregator.demo import DEMO_RULES, DemoOptions, run_demo
+    from aggregator.demo import DEMO_RULES, DemoOptions, demo_report, run_demo
 
     if ns.print_rules:
         print(DEMO_RULES, end="")
@@ -370,28 +370,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         print(json.dumps({"cohorts": health_json(result.cohorts),
                           "alerts": alerts_json(result.alerts)}, indent=2))
         return 0
-    color = use_color()
-    print(health_tables(result.cohorts, color=color))
-    firing = pb.ListAlertsResponse(rules_loaded=True,
-                                   alerts=[a for a in result.alerts.alerts if a.state == "firing"])
-    print("\nalerts firing at the end (the rules: fleetwatch demo --print-rules):")
-    print(alerts_table(firing, color=color) if firing.alerts else "  none")
-    cfg = result.config
-    print(f"\n{result.truth.events:,} events from {cfg.devices} devices over {cfg.minutes} "
-          f"simulated minutes, {result.elapsed_s:.1f} s. Injected:")
-    if cfg.drift is not None:
-        shifts = ", ".join(f"{k} {v:+.1f} sd" for k, v in cfg.drift.numeric_shift.items())
-        print(f"  covariate drift in {_selector_text(cfg.drift.selector)} from minute "
-              f"{cfg.drift.start_minute} ({shifts}; {', '.join(cfg.drift.category_mix)} mix)")
-    if cfg.incident is not None:
-        until = f"to minute {cfg.incident.end_minute}" if cfg.incident.end_minute else "on"
-        print(f"  latency incident in {_selector_text(cfg.incident.selector)} from minute "
-              f"{cfg.incident.start_minute} {until} ({cfg.incident.factor:g}x latency)")
+    print(demo_report(result, color=use_color()))
     return 0
-
-
-def _selector_text(selector: dict[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
 
 
 # -- parser --------------------------------------------------------------------------------------

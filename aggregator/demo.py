@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -39,7 +39,7 @@ from agent.errors import ConfigError
 from agent.spec import Spec
 from agent.wire import spec_to_proto
 from aggregator.baseline import build_spec_from_columns
-from aggregator.render import health_tables
+from aggregator.render import alerts_table, health_tables
 from aggregator.server import AggregatorConfig, serve
 from aggregator.simulator import (
     CATEGORICAL_FEATURES,
@@ -57,8 +57,8 @@ from aggregator.simulator import (
 from protos import fleetwatch_pb2 as pb
 from protos import fleetwatch_pb2_grpc as pb_grpc
 
-__all__ = ["DEMO_RULES", "GROUP_BY", "DemoOptions", "DemoResult", "fleet_config", "run_demo",
-           "serve_until_stdin_closes"]
+__all__ = ["DEMO_RULES", "GROUP_BY", "DemoOptions", "DemoResult", "demo_report", "fleet_config",
+           "run_demo", "serve_until_stdin_closes"]
 
 logger = logging.getLogger(__name__)
 
@@ -349,3 +349,32 @@ def run_demo(options: DemoOptions = DemoOptions(),
                       target=target, start_unix_s=start, end_unix_s=end, elapsed_s=elapsed,
                       workdir=kept,
                       config=config)
+
+
+def _selector_text(selector: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+
+
+def demo_report(result: DemoResult, color: bool = False) -> str:
+    """What `fleetwatch demo` prints: cohort health, the alerts firing at the end, and what
+    was injected."""
+    firing = pb.ListAlertsResponse(
+        rules_loaded=True, alerts=[a for a in result.alerts.alerts if a.state == "firing"])
+    cfg = result.config
+    lines = [health_tables(result.cohorts, color=color), "",
+             "alerts firing at the end (the rules: fleetwatch demo --print-rules):",
+             alerts_table(firing, color=color) if firing.alerts else "  none", "",
+             f"{result.truth.events:,} events from {cfg.devices} devices over {cfg.minutes} "
+             f"simulated minutes, {result.elapsed_s:.1f} s. Injected:"]
+    if cfg.drift is not None:
+        shifts = ", ".join(f"{k} {v:+.1f} sd" for k, v in cfg.drift.numeric_shift.items())
+        lines.append(f"  covariate drift in {_selector_text(cfg.drift.selector)} from minute "
+                     f"{cfg.drift.start_minute} ({shifts}; "
+                     f"{', '.join(cfg.drift.category_mix)} mix; "
+                     f"{cfg.drift.label_flip:.0%} of labels contradict the model)")
+    if cfg.incident is not None:
+        until = f"to minute {cfg.incident.end_minute}" if cfg.incident.end_minute else "on"
+        lines.append(f"  latency incident in {_selector_text(cfg.incident.selector)} from "
+                     f"minute {cfg.incident.start_minute} {until} "
+                     f"({cfg.incident.factor:g}x latency)")
+    return "\n".join(lines)

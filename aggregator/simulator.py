@@ -373,8 +373,8 @@ class CohortTruth:
 
     `feature_counts` and `prediction_counts` are histograms in the spec's layouts (see
     `agent.spec`), counted here independently of the agent's binning; `latencies_ms` holds
-    every latency observed (float32, as the agent's sketch takes them). `labels()` gives every
-    label delivered: its ground truth, the prediction score it joins, its latency and the
+    every latency observed (float32, as the agent's sketch takes them). `ground_truth()` gives
+    every label delivered: its ground truth, the prediction score it joins, its latency and the
     minute it arrived in.
     """
 
@@ -393,8 +393,8 @@ class CohortTruth:
         self._label_parts.append((minute, np.asarray(y_true, bool),
                                   np.asarray(scores, np.float64), float(latency_s)))
 
-    def labels(self, first_minute: int = 0, end_minute: int | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def ground_truth(self, first_minute: int = 0, end_minute: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(y_true, score, label latency in s) of the labels that arrived in the minutes
         [first_minute, end_minute)."""
         parts = [p for p in self._label_parts

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from aggregator.demo import GROUP_BY, DemoOptions, DemoResult, run_demo
+from aggregator.demo import GROUP_BY, DemoOptions, DemoResult, demo_report, run_demo
 from aggregator.drift import psi, suppress_noise
 from aggregator.render import PSI_MAJOR, PSI_MODERATE, SLOW_FACTOR, cohort_label, cohort_status
 from aggregator.simulator import CohortTruth
@@ -234,3 +234,73 @@ def test_drift_scores_come_from_the_merged_histograms(
     assert abs(float(zs.mean())) < 0.15, zs.mean()
     assert 0.9 < float(zs.std()) < 1.1, zs.std()
     assert float(np.abs(zs).max()) < 6, np.abs(zs).max()
+
+
+def _pairs(cohort: object) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(dict(cohort).items()))  # type: ignore[call-overload]
+
+
+def test_injected_incidents_end_as_firing_alerts_and_clean_cohorts_have_none(
+        demo: tuple[DemoResult, list[str]]) -> None:
+    """The demo's rules (DEMO_RULES) on the aggregator's own event-time evaluation: the
+    latency incident pages, the drifted cohort gets its drift and accuracy tickets, every
+    alert of a clean cohort stays silent, and each alert fired once (history)."""
+    result, _ = demo
+    config = result.config
+    assert config.drift is not None and config.incident is not None
+    drifted, slow = _pairs(config.drift.selector), _pairs(config.incident.selector)
+    key = f"{result.spec.model}/{result.spec.model_version}"
+    assert result.alerts.rules_loaded and result.alerts.evaluated_until[key] >= result.end_unix_s
+    firing = {(a.rule, _pairs(a.cohort)): a for a in result.alerts.alerts if a.state == "firing"}
+    assert set(firing) == {("latency-p95", slow), ("feature-drift", drifted),
+                           ("accuracy", drifted)}, sorted(firing)
+    assert firing[("latency-p95", slow)].severity == "page"
+    assert firing[("latency-p95", slow)].value > 150
+    assert firing[("accuracy", drifted)].value < 0.68
+    # Never even pending elsewhere: no alert of any state on a clean cohort.
+    touched = {_pairs(a.cohort) for a in result.alerts.alerts}
+    assert touched <= {drifted, slow}, touched
+    # They started after their incident began (event time, in whole windows).
+    incident_start = result.start_unix_s + 60 * config.incident.start_minute
+    drift_start = result.start_unix_s + 60 * config.drift.start_minute
+    assert firing[("latency-p95", slow)].starts_at_unix_s >= incident_start
+    assert firing[("feature-drift", drifted)].starts_at_unix_s >= drift_start
+    report = demo_report(result)
+    assert "alerts firing at the end" in report
+    for rule, cohort in firing:
+        line = next(x for x in report.splitlines() if x.startswith(rule + " "))
+        assert ",".join(f"{k}={v}" for k, v in cohort) in line and "firing" in line
+
+
+def test_label_slis_equal_the_truth_within_the_privacy_noise(
+        demo: tuple[DemoResult, list[str]]) -> None:
+    """Accuracy, precision and recall of every cohort against the raw labels the fleet
+    delivered (y_true, score >= threshold): the aggregator's confusion cells carry discrete
+    Laplace noise of sd `noise_sd_per_bin` each; accuracy sums 2 cells over the exact label
+    count, so it errs by sd sqrt(2) * sd / n; 5 of those is the tolerance. Precision and recall
+    divide two noisy sums (3 cells each): 5 sd of the numerator and of the denominator.
+    Label latency: the labels come 1, 2 or 3 minutes late (uniform), so the p95 lies in the
+    [120, 300) s bin. Availability: every device reported every window."""
+    result, _ = demo
+    assert result.spec.labels is not None
+    threshold = result.spec.labels.threshold
+    for h in result.cohorts:
+        truth = _truth(result, h)
+        y, score, latency = truth.ground_truth()
+        n = y.size
+        assert h.task == "binary" and h.labeled == n > 20_000, cohort_label(h)
+        pred = score >= threshold
+        sd = h.noise_sd_per_bin
+        assert abs(h.accuracy - float(np.mean(pred == y))) < 5 * math.sqrt(2) * sd / n
+        tp, predicted, actual = np.sum(pred & y), np.sum(pred), np.sum(y)
+        tol = 5 * math.sqrt(3) * sd
+        assert abs(h.precision - tp / predicted) < (tol + tol * tp / predicted) / (predicted - tol)
+        assert abs(h.recall - tp / actual) < (tol + tol * tp / actual) / (actual - tol)
+        assert set(np.unique(latency)) <= {60.0, 120.0, 180.0}
+        assert 120.0 <= h.label_latency_p95_s < 300.0, cohort_label(h)
+        assert (h.labels_unmatched, h.label_cache_evicted) == (0, 0)
+        assert h.availability == 1.0 and h.devices_last_day == h.devices == truth.devices
+    drifted = [h for h in result.cohorts
+               if _pairs(h.cohort) == _pairs(result.config.drift.selector)]  # type: ignore[union-attr]
+    clean = [h.accuracy for h in _clean(result)]
+    assert drifted[0].accuracy < min(clean) - 0.1
