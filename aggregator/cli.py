@@ -127,6 +127,10 @@ def _rpc(what: str, call: Callable[[], object], target: str) -> object:
         raise FleetwatchError(f"{what}: {code.name}: {e.details()}") from None
 
 
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
+
+
 # -- commands ------------------------------------------------------------------------------------
 
 def cmd_serve(ns: argparse.Namespace) -> int:
@@ -147,8 +151,11 @@ def cmd_serve(ns: argparse.Namespace) -> int:
               "Ctrl-C stops it", flush=True)
         if running.alerts is not None:
             r = running.alerts.rules
-            print(f"alerting: {len(r.rules)} rules and {len(r.slos)} SLOs from {ns.rules}, "
-                  f"{len(config.webhooks)} webhooks", flush=True)
+            sinks = "the log" + (f" and {_plural(len(config.webhooks), 'webhook')}"
+                                 if config.webhooks else "")
+            print(f"alerting: {_plural(len(r.rules), 'threshold rule')} and "
+                  f"{_plural(len(r.slos), 'SLO')} from {ns.rules}; notifying {sinks}",
+                  flush=True)
         try:
             stop.wait()
         finally:

@@ -391,7 +391,8 @@ def _tables(t: Tables) -> list[_Table]:
     out = [_Table(
         "Table 1. Noise per report, event unit",
         "Every bin of every private histogram of one window report gets independent noise: "
-        "discrete Laplace of scale b = H/epsilon (H = features + prediction), or the discrete "
+        "discrete Laplace of scale b = H/epsilon (H = features + prediction + label "
+        "histograms), or the discrete "
         f"Gaussian at the same epsilon and delta = {_eps(o.delta)}. sd = standard deviation "
         "in counts.",
         ("epsilon per window", "H histograms", "b (Laplace scale)", "Laplace sd per bin",
