@@ -356,7 +356,8 @@ def alerts_json(resp: pb.ListAlertsResponse) -> dict[str, Any]:
         "rules_loaded": resp.rules_loaded,
         "alerts": [_alert_json(a) for a in resp.alerts],
         "budgets": [{
-            "slo": b.slo, "model": b.model, "cohort": dict(sorted(b.cohort.items())),
+            "slo": b.slo, "model": b.model, "model_version": b.model_version,
+            "cohort": dict(sorted(b.cohort.items())),
             "windows": b.windows, "bad_windows": b.bad_windows, "budget": b.budget,
             "left_fraction": _num(b.left_fraction),
             "burn_rates": {k: _num(v) for k, v in sorted(b.burn_rates.items())},
@@ -396,7 +397,8 @@ def alerts_table(resp: pb.ListAlertsResponse, color: bool = False) -> str:
         for b in resp.budgets:
             burns = " ".join(f"{k}={v:.3g}" for k, v in sorted(
                 b.burn_rates.items(), key=lambda kv: _duration_key(kv[0])))
-            brows.append([b.slo, b.model, _cohort_text(b.cohort),
+            brows.append([b.slo, f"{b.model}/{b.model_version}" if b.model_version
+                          else b.model, _cohort_text(b.cohort),
                           f"{100 * b.left_fraction:.1f}%", str(b.bad_windows), str(b.windows),
                           burns])
             bcolors.append([None, None, None, _RED if b.left_fraction < 0 else

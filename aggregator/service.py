@@ -269,7 +269,8 @@ def alert_to_proto(a: AlertRecord) -> pb.AlertInfo:
 
 def budget_to_proto(mb: ModelBudget) -> pb.BudgetInfo:
     b = mb.budget
-    return pb.BudgetInfo(slo=b.slo, model=mb.model, cohort=dict(b.cohort), windows=b.windows,
+    return pb.BudgetInfo(slo=b.slo, model=mb.model, model_version=mb.model_version,
+                         cohort=dict(b.cohort), windows=b.windows,
                          bad_windows=b.bad, budget=b.budget, left_fraction=b.left_fraction,
                          burn_rates=dict(b.burn_rates))
 

@@ -322,6 +322,29 @@ class ListSpecsResponse(_message.Message):
     specs: _containers.RepeatedCompositeFieldContainer[Spec]
     def __init__(self, specs: _Optional[_Iterable[_Union[Spec, _Mapping]]] = ...) -> None: ...
 
+class ServerStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServerStatsResponse(_message.Message):
+    __slots__ = ("accepted", "duplicates", "rejected", "started_unix_s")
+    class RejectedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    duplicates: int
+    rejected: _containers.ScalarMap[str, int]
+    started_unix_s: int
+    def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., started_unix_s: _Optional[int] = ...) -> None: ...
+
 class CohortHealthRequest(_message.Message):
     __slots__ = ("model", "model_version", "selector", "group_by", "start_unix_s", "end_unix_s", "fairness_key")
     class SelectorEntry(_message.Message):
@@ -651,7 +674,7 @@ class AlertInfo(_message.Message):
     def __init__(self, rule: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., cohort: _Optional[_Mapping[str, str]] = ..., severity: _Optional[str] = ..., state: _Optional[str] = ..., value: _Optional[float] = ..., threshold: _Optional[float] = ..., starts_at_unix_s: _Optional[int] = ..., ends_at_unix_s: _Optional[int] = ..., fingerprint: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., annotations: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class BudgetInfo(_message.Message):
-    __slots__ = ("slo", "model", "cohort", "windows", "bad_windows", "budget", "left_fraction", "burn_rates")
+    __slots__ = ("slo", "model", "model_version", "cohort", "windows", "bad_windows", "budget", "left_fraction", "burn_rates")
     class CohortEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -668,6 +691,7 @@ class BudgetInfo(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     SLO_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     COHORT_FIELD_NUMBER: _ClassVar[int]
     WINDOWS_FIELD_NUMBER: _ClassVar[int]
     BAD_WINDOWS_FIELD_NUMBER: _ClassVar[int]
@@ -676,13 +700,14 @@ class BudgetInfo(_message.Message):
     BURN_RATES_FIELD_NUMBER: _ClassVar[int]
     slo: str
     model: str
+    model_version: str
     cohort: _containers.ScalarMap[str, str]
     windows: int
     bad_windows: int
     budget: float
     left_fraction: float
     burn_rates: _containers.ScalarMap[str, float]
-    def __init__(self, slo: _Optional[str] = ..., model: _Optional[str] = ..., cohort: _Optional[_Mapping[str, str]] = ..., windows: _Optional[int] = ..., bad_windows: _Optional[int] = ..., budget: _Optional[float] = ..., left_fraction: _Optional[float] = ..., burn_rates: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    def __init__(self, slo: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., cohort: _Optional[_Mapping[str, str]] = ..., windows: _Optional[int] = ..., bad_windows: _Optional[int] = ..., budget: _Optional[float] = ..., left_fraction: _Optional[float] = ..., burn_rates: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ListAlertsRequest(_message.Message):
     __slots__ = ("model", "state", "resolved_limit")

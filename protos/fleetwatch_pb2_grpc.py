@@ -144,7 +144,7 @@ class Ingest:
 
 
 class AdminStub:
-    """Operators register specs.
+    """Operators register specs and read the server's own counters.
     """
 
     def __init__(self, channel):
@@ -163,10 +163,15 @@ class AdminStub:
                 request_serializer=protos_dot_fleetwatch__pb2.ListSpecsRequest.SerializeToString,
                 response_deserializer=protos_dot_fleetwatch__pb2.ListSpecsResponse.FromString,
                 _registered_method=True)
+        self.ServerStats = channel.unary_unary(
+                '/fleetwatch.v1.Admin/ServerStats',
+                request_serializer=protos_dot_fleetwatch__pb2.ServerStatsRequest.SerializeToString,
+                response_deserializer=protos_dot_fleetwatch__pb2.ServerStatsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
-    """Operators register specs.
+    """Operators register specs and read the server's own counters.
     """
 
     def PushSpec(self, request, context):
@@ -176,6 +181,12 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSpecs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ServerStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -194,6 +205,11 @@ def add_AdminServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_fleetwatch__pb2.ListSpecsRequest.FromString,
                     response_serializer=protos_dot_fleetwatch__pb2.ListSpecsResponse.SerializeToString,
             ),
+            'ServerStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.ServerStats,
+                    request_deserializer=protos_dot_fleetwatch__pb2.ServerStatsRequest.FromString,
+                    response_serializer=protos_dot_fleetwatch__pb2.ServerStatsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'fleetwatch.v1.Admin', rpc_method_handlers)
@@ -203,7 +219,7 @@ def add_AdminServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Admin:
-    """Operators register specs.
+    """Operators register specs and read the server's own counters.
     """
 
     @staticmethod
@@ -250,6 +266,33 @@ class Admin:
             '/fleetwatch.v1.Admin/ListSpecs',
             protos_dot_fleetwatch__pb2.ListSpecsRequest.SerializeToString,
             protos_dot_fleetwatch__pb2.ListSpecsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ServerStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetwatch.v1.Admin/ServerStats',
+            protos_dot_fleetwatch__pb2.ServerStatsRequest.SerializeToString,
+            protos_dot_fleetwatch__pb2.ServerStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
