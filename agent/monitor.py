@@ -34,19 +34,22 @@ from typing import Any
 
 import grpc
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.errors import ConfigError, SpecError
 from agent.noise import RandomSource, SecureRandom
 from agent.privacy import (
-        PrivacyAccountant,
+    PrivacyAccountant,
     Release,
     clamp_summary,
     noise_plan,
     noise_summary,
 )
+from agent.signing import ReportSigner
 from agent.spec import DEVICE_DAY, Spec
 from agent.spool import Spool, SpoolStats
 from agent.summary import Summary
+from agent.transport import TlsCredentials, make_channel
 from agent.upload import Backoff, DeliveryResult, Uploader
 from agent.window import CacheEntry, LabelBinner, WindowAccumulator, window_start
 from agent.wire import ReportMeta, report_to_proto, spec_from_proto
@@ -144,6 +147,9 @@ class Monitor:
         clock: returns the current time in seconds; windows follow it (default time.time).
         spec: a Spec (or a path to spec JSON) to use instead of fetching it.
         channel: an existing gRPC channel to share (the caller keeps ownership).
+        tls: the device's mutual-TLS files (`agent.transport.TlsCredentials`: the fleet CA,
+            the device certificate and its key); without it the channel is plaintext, which
+            an aggregator accepts on loopback only (docs/security.md).
         background: run the uploader thread; with False, call `flush()` to deliver.
         grace_s: how long a closed window still takes out-of-order events.
         noise_rng: the source of DP noise (default: the OS's cryptographically secure one;
@@ -153,6 +159,9 @@ class Monitor:
         heartbeats: report idle windows as heartbeats (from the window this monitor started
             in; a restarted agent does not claim the windows it was down for).
         max_heartbeat_windows: heartbeats at most per gap (older idle windows are skipped).
+        signing_key: the device's Ed25519 report-signing key (a PEM file such as
+            ``devices/<ID>.sign.key``, or the key): every report is signed, ``key_id`` the
+            device id (docs/security.md).
     """
 
     def __init__(
@@ -167,6 +176,7 @@ class Monitor:
         *,
         spec: Spec | str | os.PathLike[str] | None = None,
         channel: grpc.Channel | None = None,
+        tls: TlsCredentials | None = None,
         background: bool = True,
         grace_s: float = 2.0,
         max_spool_reports: int = 10_000,
@@ -180,6 +190,7 @@ class Monitor:
         label_ttl_s: float = 86400.0,
         heartbeats: bool = True,
         max_heartbeat_windows: int = 1440,
+        signing_key: str | os.PathLike[str] | Ed25519PrivateKey | None = None,
     ) -> None:
         if not model or not model_version:
             raise ConfigError("model and model_version must be non-empty")
@@ -187,6 +198,9 @@ class Monitor:
             raise ConfigError("device_id must be a non-empty string of at most 256 characters")
         if aggregator is None and channel is None:
             raise ConfigError("give aggregator='host:port' (or a gRPC channel)")
+        if tls is not None and channel is not None:
+            raise ConfigError("tls: give it with aggregator=, not with channel= (a channel "
+                              "given already has its credentials)")
         if grace_s < 0:
             raise ConfigError("grace_s must not be negative")
         if not isinstance(label_cache_size, int) or label_cache_size < 1:
@@ -201,17 +215,19 @@ class Monitor:
         self.model_version = model_version
         self.device_id = device_id
         self.labels = _check_labels(labels or {})
+        # Loaded before anything is opened, so a bad key file fails the constructor cleanly.
+        self._signer: ReportSigner | None = None
+        if isinstance(signing_key, Ed25519PrivateKey):
+            self._signer = ReportSigner.from_key(signing_key, device_id)
+        elif signing_key is not None:
+            self._signer = ReportSigner.from_pem_file(signing_key, device_id)
         self.clock = clock or time.time
         self.grace_s = grace_s
         self._tick_s = tick_s
         self._owns_channel = channel is None
-        # gRPC's default reconnect backoff grows to 120 s: after an aggregator outage the
-        # device would sit idle long after it came back. Keep it in line with our own backoff.
-        self._channel = channel or grpc.insecure_channel(aggregator, options=[  # type: ignore[arg-type]
-            ("grpc.initial_reconnect_backoff_ms", int(backoff_base_s * 1000)),
-            ("grpc.min_reconnect_backoff_ms", int(backoff_base_s * 1000)),
-            ("grpc.max_reconnect_backoff_ms", int(backoff_cap_s * 1000)),
-        ])
+        self._channel = channel or make_channel(aggregator, tls,  # type: ignore[arg-type]
+                                                backoff_base_s=backoff_base_s,
+                                                backoff_cap_s=backoff_cap_s)
         self._rpc_timeout_s = rpc_timeout_s
         self._get_spec = self._channel.unary_unary(
             GET_SPEC_METHOD, request_serializer=pb.GetSpecRequest.SerializeToString,
@@ -248,6 +264,14 @@ class Monitor:
         self._labels_joined = 0
         self._labels_unmatched = 0
         self._label_evicted = 0
+        # The spool keeps a copy of the cache, so that a restart does not turn the labels of
+        # every prediction made before it into "unmatched": what the copy lacks (added) or
+        # still holds (removed) is written with the next windows, off the hot path.
+        self._cache_added: dict[str, CacheEntry] = {}
+        self._cache_removed: set[str] = set()
+        for key, entry in self.spool.label_cache_load(self.clock() - self._label_ttl_s,
+                                                      label_cache_size):
+            self._label_cache[key] = entry
 
         # Heartbeats: the start of the earliest window not yet reported, in memory only.
         self._heartbeats = heartbeats
@@ -429,9 +453,12 @@ class Monitor:
         cache = self._label_cache
         self._evict_expired(acc, now)
         cache.pop(key, None)  # a repeated id: the newer prediction is the one labeled
-        cache[key] = self._label_binner.cache_entry(now, prediction, confidence)
+        entry = self._label_binner.cache_entry(now, prediction, confidence)
+        cache[key] = entry
+        self._cache_added[key] = entry
+        self._cache_removed.discard(key)
         if len(cache) > self._label_cache_size:
-            cache.popitem(last=False)
+            self._forget(cache.popitem(last=False)[0])
             self._count_evicted(acc)
 
     def _evict_expired(self, acc: WindowAccumulator, now: float) -> None:
@@ -440,8 +467,31 @@ class Monitor:
             oldest = next(iter(cache.values()))
             if oldest[0] >= cutoff:
                 return
-            cache.popitem(last=False)
+            self._forget(cache.popitem(last=False)[0])
             self._count_evicted(acc)
+
+    def _forget(self, key: str) -> None:
+        """A cache entry left (joined or evicted): the spool's copy must drop it (lock held)."""
+        if self._cache_added.pop(key, None) is None:
+            self._cache_removed.add(key)
+
+    def _persist_label_cache(self) -> None:
+        """Bring the spool's copy of the label cache up to date (I/O: never on the hot path)."""
+        with self._lock:
+            if not self._cache_added and not self._cache_removed:
+                return
+            added, self._cache_added = self._cache_added, {}
+            removed, self._cache_removed = self._cache_removed, set()
+            min_t = self.clock() - self._label_ttl_s
+        try:
+            self.spool.label_cache_update(added, removed, self._label_cache_size, min_t)
+        except Exception:
+            with self._lock:  # try again next time; newer changes win over these
+                for k, v in added.items():
+                    if k not in self._cache_removed:
+                        self._cache_added.setdefault(k, v)
+                self._cache_removed |= {k for k in removed if k not in self._cache_added}
+            raise
 
     def _count_evicted(self, acc: WindowAccumulator) -> None:
         """An eviction is reported by the window it happened in."""
@@ -457,6 +507,8 @@ class Monitor:
         if acc is not None and binner is not None and key is not None:
             self._evict_expired(acc, now)
             entry = self._label_cache.pop(key, None)
+            if entry is not None:
+                self._forget(key)
             if entry is not None and entry[0] < now - self._label_ttl_s:
                 self._count_evicted(acc)  # expired behind a younger one (the clock went back)
                 entry = None
@@ -535,6 +587,7 @@ class Monitor:
 
     def _spool_closed(self) -> None:
         """Turn closed windows into reports in the spool (I/O: never on the hot path)."""
+        self._persist_label_cache()
         while True:
             with self._lock:
                 if not self._closed:
@@ -570,6 +623,8 @@ class Monitor:
                     day_epsilon_spent=release.day_epsilon if release else 0.0,
                     heartbeat=heartbeat)
                 report = report_to_proto(meta, summary).SerializeToString()
+                if self._signer is not None:
+                    return self._signer.envelope(report)
                 return pb.ReportEnvelope(report=report).SerializeToString()
 
             self.spool.enqueue(start, build)

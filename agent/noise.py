@@ -236,7 +236,8 @@ def _round_up(target: Fraction, max_numerator: int, max_denominator: int = 1 << 
     1/q with q <= max_denominator and the numerator about max_numerator (relative excess
     about 1/max_numerator, or 1/(max_denominator * target) for a small target)."""
     simple = target.limit_denominator(1000)
-    if target <= simple <= target * (1 + Fraction(1, 2**40)):
+    if (target <= simple <= target * (1 + Fraction(1, 2**40))
+            and simple.numerator <= max_numerator):  # a big one would leave the fast path
         return simple
     q = max(1, min(int(max_numerator / target), max_denominator))
     return Fraction(math.ceil(target * q), q)

@@ -1,7 +1,9 @@
 """The durable on-device spool: one SQLite file (WAL, synchronous=FULL) per device.
 
 It holds the outbox of serialized report envelopes keyed by `seq`, the next `seq`, the cached
-specs, and a dead-letter table for reports the aggregator refused for good. A report leaves the
+specs, the privacy ledger, the predictions waiting for their label (so a restart does not turn
+every pending label into "unmatched"), and a dead-letter table for reports the aggregator
+refused for good. A report leaves the
 outbox only when the aggregator acknowledged it, so a crash or restart loses nothing that was
 spooled. The spool is bounded: past `max_reports` or `max_bytes` the oldest reports are dropped,
 and the drop is counted and carried by the next report (never silent).
@@ -14,7 +16,7 @@ import pathlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from agent.errors import ConfigError
@@ -22,6 +24,14 @@ from agent.errors import ConfigError
 __all__ = ["Spool", "SpoolStats", "SpooledReport"]
 
 logger = logging.getLogger(__name__)
+
+
+def _real(x: float) -> float | None:
+    return None if x != x else x   # SQLite has no NaN: NULL stands for it
+
+
+def _unreal(x: float | None) -> float:
+    return float("nan") if x is None else float(x)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -48,6 +58,13 @@ CREATE TABLE IF NOT EXISTS privacy_ledger (
     released INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS privacy_ledger_by_day ON privacy_ledger (day);
+CREATE TABLE IF NOT EXISTS label_cache (
+    request_id TEXT PRIMARY KEY,
+    t REAL NOT NULL,
+    prediction REAL,
+    confidence REAL
+);
+CREATE INDEX IF NOT EXISTS label_cache_by_time ON label_cache (t);
 CREATE TABLE IF NOT EXISTS dead_letters (
     seq INTEGER PRIMARY KEY,
     payload BLOB NOT NULL,
@@ -227,6 +244,38 @@ class Spool:
             row = self._db.execute("SELECT COALESCE(MAX(epsilon), 0) FROM privacy_ledger"
                                    ).fetchone()
         return float(row[0])
+
+    # -- predictions waiting for their label ---------------------------------------------------
+
+    def label_cache_update(self, added: Mapping[str, tuple[float, float, float]],
+                           removed: Iterable[str], max_entries: int, min_t: float) -> None:
+        """Store new cache entries and forget joined / evicted ones, in one transaction; keep
+        at most `max_entries`, none older than `min_t` (the TTL)."""
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                cur.executemany("DELETE FROM label_cache WHERE request_id = ?",
+                                ((r,) for r in removed))
+                cur.executemany("INSERT OR REPLACE INTO label_cache VALUES (?, ?, ?, ?)",
+                                ((k, t, _real(p), _real(c)) for k, (t, p, c) in added.items()))
+                cur.execute("DELETE FROM label_cache WHERE t < ?", (min_t,))
+                cur.execute("DELETE FROM label_cache WHERE request_id IN (SELECT request_id "
+                            "FROM label_cache ORDER BY t DESC LIMIT -1 OFFSET ?)",
+                            (max_entries,))
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+
+    def label_cache_load(self, min_t: float, max_entries: int
+                         ) -> list[tuple[str, tuple[float, float, float]]]:
+        """The newest `max_entries` entries not older than `min_t`, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT request_id, t, prediction, confidence FROM label_cache WHERE t >= ? "
+                "ORDER BY t DESC LIMIT ?", (min_t, max_entries)).fetchall()
+        return [(k, (float(t), _unreal(p), _unreal(c))) for k, t, p, c in reversed(rows)]
 
     # -- spec cache --------------------------------------------------------------------------
 

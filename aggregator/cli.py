@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import grpc
 
@@ -50,6 +52,9 @@ EPILOG = """\
 workflows:
   try it            fleetwatch demo
   run a server      fleetwatch serve --db fleet.db --listen 127.0.0.1:7070
+  secure it         fleetwatch certs init --dir pki; fleetwatch certs issue-device --dir pki \\
+                        --device-id ID; fleetwatch serve --tls-dir pki --listen 0.0.0.0:7070
+                    (clients: --cacert --cert --key; docs/security.md)
   make a spec       fleetwatch baseline build --data train.csv --model M --model-version V \\
                         --prediction-col score --latency-col latency_ms --out spec.json
   register it       fleetwatch spec push --aggregator 127.0.0.1:7070 spec.json
@@ -111,8 +116,31 @@ def _selector(text: str | None) -> dict[str, str]:
         raise UsageError(f"--cohort: {e} (expected k=v,k2=v2)") from None
 
 
-def _channel(target: str) -> grpc.Channel:
-    return grpc.insecure_channel(target)
+TLS_OPTIONS = ("cacert", "cert", "key")
+
+
+def _channel(ns: argparse.Namespace) -> grpc.Channel:
+    """The channel to --aggregator: mutual TLS with --cacert/--cert/--key, plaintext without
+    (which an aggregator serves on loopback only)."""
+    given = [o for o in TLS_OPTIONS if getattr(ns, o, None)]
+    if not given:
+        return grpc.insecure_channel(ns.aggregator)
+    if len(given) < len(TLS_OPTIONS):
+        missing = " ".join(f"--{o}" for o in TLS_OPTIONS if o not in given)
+        raise UsageError(f"mutual TLS needs --cacert, --cert and --key together; missing "
+                         f"{missing}")
+    ca, cert, key = (_read_pem(o, getattr(ns, o)) for o in TLS_OPTIONS)
+    return grpc.secure_channel(ns.aggregator, grpc.ssl_channel_credentials(ca, key, cert))
+
+
+def _read_pem(option: str, path: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"--{option}: cannot read {path}: {e.strerror}") from None
+    if b"-----BEGIN " not in data:  # never echo it: --key is a secret
+        raise UsageError(f"--{option}: {path} is not a PEM file")
+    return data
 
 
 def _rpc(what: str, call: Callable[[], object], target: str) -> object:
@@ -141,14 +169,18 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         webhooks=tuple(ns.webhook or ()), external_url=ns.external_url or "",
         alert_lateness_s=(parse_duration(ns.alert_lateness) if ns.alert_lateness is not None
                           else None),
-        alert_idle_flush_s=parse_duration(ns.alert_idle_flush))
+        alert_idle_flush_s=parse_duration(ns.alert_idle_flush), tls_dir=ns.tls_dir,
+        # Report signatures use the same DIR (devices/<ID>.sign.pub), required unless overridden.
+        signing_keys_dir=ns.tls_dir, require_signatures=ns.require_signatures)
     stop = threading.Event()
     with serve(config) as running:  # a bad rule file raises here: exit code 2
         previous = {sig: signal.signal(sig, lambda *_: stop.set())
                     for sig in (signal.SIGTERM, signal.SIGINT)}
         host = ns.listen.rsplit(":", 1)[0]
-        print(f"fleetwatch aggregator listening on {host}:{running.port} (db {ns.db}); "
-              "Ctrl-C stops it", flush=True)
+        security = (f"mutual TLS from {ns.tls_dir}" if ns.tls_dir
+                    else "WITHOUT TLS, loopback only")
+        print(f"fleetwatch aggregator listening on {host}:{running.port} ({security}; db "
+              f"{ns.db}); Ctrl-C stops it", flush=True)
         if running.alerts is not None:
             r = running.alerts.rules
             sinks = "the log" + (f" and {_plural(len(config.webhooks), 'webhook')}"
@@ -170,7 +202,7 @@ def cmd_alerts(ns: argparse.Namespace) -> int:
         raise UsageError(f"--resolved: must be >= 0, got {ns.resolved}")
     request = pb.ListAlertsRequest(model=ns.model or "", state=ns.state or "",
                                    resolved_limit=ns.resolved)
-    with _channel(ns.aggregator) as channel:
+    with _channel(ns) as channel:
         stub = pb_grpc.QueryStub(channel)
         resp = _rpc("alerts", lambda: stub.ListAlerts(request, timeout=ns.timeout),
                     ns.aggregator)
@@ -196,7 +228,7 @@ def _cohort_query(ns: argparse.Namespace, what: str, method: str,
                   to_json: Callable[[list], object], to_table: Callable[..., str]) -> int:
     """Ask a per-cohort Query method and print its answer as JSON or a table."""
     request = _health_request(ns)
-    with _channel(ns.aggregator) as channel:
+    with _channel(ns) as channel:
         call = getattr(pb_grpc.QueryStub(channel), method)
         resp = _rpc(what, lambda: call(request, timeout=ns.timeout), ns.aggregator)
     cohorts = list(resp.cohorts)  # type: ignore[attr-defined]
@@ -211,7 +243,7 @@ def cmd_health(ns: argparse.Namespace) -> int:
     request = _health_request(ns)
     if not request.fairness_key:
         return _cohort_query(ns, "health", "CohortHealth", health_json, health_tables)
-    with _channel(ns.aggregator) as channel:
+    with _channel(ns) as channel:
         stub = pb_grpc.QueryStub(channel)
         resp = _rpc("health", lambda: stub.CohortHealth(request, timeout=ns.timeout),
                     ns.aggregator)
@@ -231,7 +263,7 @@ def cmd_privacy(ns: argparse.Namespace) -> int:
 
 
 def cmd_cohorts(ns: argparse.Namespace) -> int:
-    with _channel(ns.aggregator) as channel:
+    with _channel(ns) as channel:
         stub = pb_grpc.QueryStub(channel)
         resp = _rpc("cohorts", lambda: stub.ListCohorts(
             pb.ListCohortsRequest(model=ns.model, model_version=ns.model_version or ""),
@@ -249,7 +281,31 @@ def cmd_cohorts(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(ns: argparse.Namespace) -> int:
+    with _channel(ns) as channel:
+        stub = pb_grpc.AdminStub(channel)
+        resp = _rpc("stats", lambda: stub.ServerStats(pb.ServerStatsRequest(),
+                                                      timeout=ns.timeout), ns.aggregator)
+    assert isinstance(resp, pb.ServerStatsResponse)
+    rejected = dict(sorted(resp.rejected.items()))
+    if ns.json:
+        print(json.dumps({"accepted": resp.accepted, "duplicates": resp.duplicates,
+                          "rejected": rejected, "started_unix_s": resp.started_unix_s},
+                         indent=2))
+        return 0
+    up_s = max(0, int(time.time()) - resp.started_unix_s)
+    print(f"up {up_s} s: {_plural(resp.accepted, 'report')} accepted, "
+          f"{_plural(resp.duplicates, 'duplicate')} acknowledged, "
+          f"{sum(rejected.values())} refused")
+    if rejected:
+        print()
+        print(table(["refused because", "count"],
+                    [[reason, str(n)] for reason, n in rejected.items()], use_color()))
+    return 0
+
+
 EXIT_GATE_FAILED = 3
+DEFAULT_FAIL_ON = "latency_p95_ms,error_rate,accuracy"
 # What --fail-on may name, besides psi:FEATURE and psi:* (aggregator/compare.py).
 FAIL_ON_METRICS = ("error_rate", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms",
                    "accuracy", "prediction_psi")
@@ -279,7 +335,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
                                 candidate_version=ns.candidate, selector=_selector(ns.cohort),
                                 group_by=group_by, start_unix_s=start, end_unix_s=end,
                                 alpha=ns.alpha)
-    with _channel(ns.aggregator) as channel:
+    with _channel(ns) as channel:
         stub = pb_grpc.QueryStub(channel)
         resp: pb.CompareResponse = _rpc(  # type: ignore[assignment]
             "compare", lambda: stub.CompareVersions(request, timeout=ns.timeout), ns.aggregator)
@@ -302,6 +358,19 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         print("fleetwatch compare: error: no cohort has data of both versions in the range: "
               "nothing was compared", file=sys.stderr)
         return 1
+    # A gate must not pass on no evidence: a metric it names that no cohort could compare
+    # (accuracy without labels on both sides, say) is an error when the operator named it,
+    # a warning when it only came with the default list.
+    tested = {m.metric for c in resp.cohorts for m in c.metrics if math.isfinite(m.p_value)
+              or (m.metric.startswith("psi:") and math.isfinite(m.baseline + m.candidate))}
+    untested = [n for n in fail_on if n != "psi:*" and n not in tested]
+    if untested:
+        named = ns.fail_on != DEFAULT_FAIL_ON
+        print(f"fleetwatch compare: {'error' if named else 'warning'}: --fail-on "
+              f"{', '.join(untested)}: not compared in any cohort (no data of both versions "
+              "for it, e.g. no labels)", file=sys.stderr)
+        if named:
+            return 1
     return 0
 
 
@@ -330,7 +399,7 @@ def cmd_baseline_build(ns: argparse.Namespace) -> int:
 
 def cmd_spec_push(ns: argparse.Namespace) -> int:
     spec = Spec.load(ns.spec)
-    with _channel(ns.aggregator) as channel:
+    with _channel(ns) as channel:
         stub = pb_grpc.AdminStub(channel)
         resp = _rpc("spec push", lambda: stub.PushSpec(spec_to_proto(spec), timeout=ns.timeout),
                     ns.aggregator)
@@ -357,6 +426,47 @@ def cmd_spec_show(ns: argparse.Namespace) -> int:
               else ", ".join(f.vocabulary[:5]) + (" ..." if len(f.vocabulary) > 5 else ""))]
             for f in spec.features + ((spec.prediction,) if spec.prediction else ())]
     print(table(["feature", "type", "bins/values", "range / vocabulary"], rows, use_color()))
+    return 0
+
+
+def _print_issued(issued: object, what: str) -> None:
+    for path in issued.paths:  # type: ignore[attr-defined]
+        print(f"wrote {path}")
+    print(f"{what}: serial {issued.serial_hex}, valid until "  # type: ignore[attr-defined]
+          f"{issued.not_after:%Y-%m-%d %H:%M} UTC")  # type: ignore[attr-defined]
+
+
+def cmd_certs_init(ns: argparse.Namespace) -> int:
+    from aggregator.certs import init_ca
+
+    issued = init_ca(ns.dir, tuple(ns.hostname or ()), days=ns.days,
+                     server_days=ns.server_days, force=ns.force)
+    _print_issued(issued, "CA")
+    print("keep ca.key offline; serve with: fleetwatch serve --tls-dir " + ns.dir)
+    return 0
+
+
+def cmd_certs_issue_server(ns: argparse.Namespace) -> int:
+    from aggregator.certs import issue_server
+
+    issued = issue_server(ns.dir, tuple(ns.hostname or ()), days=ns.days, force=ns.force)
+    _print_issued(issued, "server certificate (restart `fleetwatch serve` to use it)")
+    return 0
+
+
+def cmd_certs_issue_device(ns: argparse.Namespace) -> int:
+    from aggregator.certs import issue_device, spiffe_id
+
+    issued = issue_device(ns.dir, ns.device_id, days=ns.days, force=ns.force)
+    _print_issued(issued, spiffe_id("device", ns.device_id))
+    return 0
+
+
+def cmd_certs_issue_operator(ns: argparse.Namespace) -> int:
+    from aggregator.certs import issue_operator, spiffe_id
+
+    issued = issue_operator(ns.dir, ns.name, days=ns.days, force=ns.force)
+    _print_issued(issued, spiffe_id("operator", ns.name))
     return 0
 
 
@@ -392,6 +502,11 @@ def _client_args(p: argparse.ArgumentParser, model: bool = True) -> None:
                        help="model version (default: the most recently registered spec)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
                    help="RPC deadline in seconds (default: %(default)s)")
+    g = p.add_argument_group("mutual TLS (an aggregator started with --tls-dir)")
+    g.add_argument("--cacert", metavar="FILE", help="the fleet CA certificate (ca.pem)")
+    g.add_argument("--cert", metavar="FILE",
+                   help="your operator certificate (operators/NAME.pem)")
+    g.add_argument("--key", metavar="FILE", help="its private key (operators/NAME.key)")
 
 
 def _cohort_args(p: argparse.ArgumentParser, since: str, json_help: str) -> None:
@@ -435,8 +550,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the aggregator on an embedded SQLite database.")
     p.add_argument("--db", default="fleetwatch.db", help="SQLite file (default: %(default)s)")
     p.add_argument("--listen", default="127.0.0.1:7070", metavar="HOST:PORT",
-                   help="gRPC listen address, loopback only until TLS lands "
+                   help="gRPC listen address; loopback only without --tls-dir "
                    "(default: %(default)s; port 0 picks a free one)")
+    p.add_argument("--tls-dir", metavar="DIR",
+                   help="serve mutual TLS with DIR/ca.pem, server.pem, server.key (from "
+                   "`fleetwatch certs init`); clients need a certificate of that CA, and "
+                   "DIR/revoked.txt is the deny-list (docs/security.md)")
+    p.add_argument("--require-signatures", action=argparse.BooleanOptionalAction, default=None,
+                   help="refuse reports not signed with the device's DIR/devices/<ID>.sign.pub "
+                   "key (default: on with --tls-dir; --no-require-signatures still verifies "
+                   "signed reports but takes unsigned ones)")
     p.add_argument("--workers", type=int, default=8, help="RPC worker threads (default: 8)")
     g = p.add_argument_group("alerting (docs/alerts.md)")
     g.add_argument("--rules", metavar="FILE",
@@ -493,6 +616,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_cohorts)
 
+    p = sub.add_parser("stats", help="the aggregator's own counters: accepted, duplicate and "
+                       "refused reports by reason",
+                       description="Reports accepted and acknowledged as duplicates since the "
+                       "server started, and refused reports and calls by reason (oversize, "
+                       "invalid, bad_sketch, too_many_label_values, ...).")
+    _client_args(p, model=False)
+    p.add_argument("--json", action="store_true",
+                   help="print {accepted, duplicates, rejected: {reason: count}, "
+                   "started_unix_s}")
+    p.set_defaults(func=cmd_stats)
+
     p = sub.add_parser(
         "compare", help="the canary gate: two model versions side by side, per cohort",
         description="Per cohort (the --by values present for either version): events, "
@@ -510,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.01, metavar="A",
                    help="family-wise false-alarm level over all comparisons (default: "
                    "%(default)s)")
-    p.add_argument("--fail-on", default="latency_p95_ms,error_rate,accuracy", metavar="M,...",
+    p.add_argument("--fail-on", default=DEFAULT_FAIL_ON, metavar="M,...",
                    help="fail (exit 3) when the candidate is significantly worse on one of "
                    f"these: {', '.join(FAIL_ON_METRICS)}, psi:FEATURE, psi:* "
                    "(default: %(default)s)")
@@ -564,6 +698,40 @@ def build_parser() -> argparse.ArgumentParser:
     s = ssub.add_parser("show", help="summarize a spec file")
     s.add_argument("spec", help="spec JSON file")
     s.set_defaults(func=cmd_spec_show)
+
+    p = sub.add_parser("certs", help="make the CA and mutual-TLS certificates",
+                       description="A CA, the aggregator's server certificate, and client "
+                       "certificates whose URI SAN names a device or an operator (the roles the "
+                       "server enforces). Keys are written 0600; nothing is overwritten without "
+                       "--force. See docs/security.md.")
+    csub = p.add_subparsers(dest="certs_command", metavar="ACTION", required=True)
+
+    def certs_parser(name: str, help: str, days: int) -> argparse.ArgumentParser:
+        c = csub.add_parser(name, help=help, description=help)
+        c.add_argument("--dir", required=True, help="the certificate directory")
+        c.add_argument("--days", type=int, default=days,
+                       help="validity in days (default: %(default)s)")
+        c.add_argument("--force", action="store_true", help="replace existing files")
+        return c
+
+    c = certs_parser("init", "make ca.pem/ca.key and server.pem/server.key", 3650)
+    c.add_argument("--hostname", action="append", metavar="H",
+                   help="a name or address devices reach the aggregator by (repeatable; "
+                   "localhost, 127.0.0.1 and ::1 are always included)")
+    c.add_argument("--server-days", type=int, default=90,
+                   help="validity of the server certificate (default: %(default)s)")
+    c.set_defaults(func=cmd_certs_init)
+    c = certs_parser("issue-server", "reissue server.pem/server.key from the CA (rotation)", 90)
+    c.add_argument("--hostname", action="append", metavar="H",
+                   help="a name or address devices reach the aggregator by (repeatable)")
+    c.set_defaults(func=cmd_certs_issue_server)
+    c = certs_parser("issue-device", "a device's client certificate and report-signing key",
+                     90)
+    c.add_argument("--device-id", required=True, help="the device id (1-128 of A-Za-z0-9._-:)")
+    c.set_defaults(func=cmd_certs_issue_device)
+    c = certs_parser("issue-operator", "an operator's client certificate", 90)
+    c.add_argument("--name", required=True, help="the operator's name (1-128 of A-Za-z0-9._-:)")
+    c.set_defaults(func=cmd_certs_issue_operator)
     return parser
 
 

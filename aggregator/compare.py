@@ -38,7 +38,7 @@ import numpy as np
 from datasketches import kll_floats_sketch
 
 from agent.errors import ValidationError
-from agent.spec import Spec
+from agent.spec import REGRESSION, Spec
 from agent.summary import KLL_K, Summary
 from aggregator.query import (
     CohortHealth,
@@ -48,6 +48,7 @@ from aggregator.query import (
     resolve_range,
     resolve_spec,
 )
+from aggregator.slis import MAX_NOISE_SHARE
 from aggregator.store.base import Store
 
 __all__ = ["DEFAULT_ALPHA", "LATENCY_QUANTILES", "TESTED_METRICS", "CohortComparison",
@@ -211,12 +212,12 @@ def accuracy_test(baseline_correct: float, baseline_total: float, baseline_noise
                   classes: int) -> Outcome:
     """Two-proportion z-test of equal accuracy from noisy confusion matrices.
 
-    Accuracy a = D / T with D the diagonal over the `classes` named classes and T the sum of
-    all (K+1)^2 cells. Sampling: under "same accuracy", a_c - a_b has variance
-    p (1 - p) (1/T_b + 1/T_c), p the pooled accuracy. DP noise of variance v per cell: D sums
-    K noisy cells, T all (K+1)^2 of them and includes D's, so by the delta method
-    Var(D/T) ~ [Var D - 2a Cov(D, T) + a^2 Var T] / T^2 = v (K - 2aK + a^2 (K+1)^2) / T^2,
-    added for each version. Two-sided p = erfc(|z| / sqrt 2). NaN without labels on a side."""
+    Accuracy a = D / T with D the (raw, noisy) diagonal over the `classes` named classes and T
+    the exact number of labels the matrix covers (`label_histogram_count`, released exactly):
+    the estimate is unbiased, as `aggregator.slis.classification` computes it. Sampling: under
+    "same accuracy", a_c - a_b has variance p (1 - p) (1/T_b + 1/T_c), p the pooled accuracy.
+    DP noise of variance v per cell: D sums K noisy cells, so Var(D/T) = K v / T^2, added for
+    each version. Two-sided p = erfc(|z| / sqrt 2). NaN without labels on a side."""
     if baseline_total <= 0 or candidate_total <= 0:
         return Outcome(math.nan, False)
     a_b, a_c = baseline_correct / baseline_total, candidate_correct / candidate_total
@@ -225,8 +226,7 @@ def accuracy_test(baseline_correct: float, baseline_total: float, baseline_noise
             1 - 0.5 / (baseline_total + candidate_total))
 
     def noise(a: float, t: float, v: float) -> float:
-        k = classes
-        return v * (k - 2 * a * k + a * a * (k + 1) ** 2) / (t * t)
+        return v * classes / (t * t)
 
     var = (p * (1 - p) * (1 / baseline_total + 1 / candidate_total)
            + noise(a_b, baseline_total, baseline_noise_var)
@@ -266,23 +266,27 @@ class _Pending:
 
 
 def _confusion_accuracy(spec: Spec, summary: Summary) -> tuple[float, float, int] | None:
-    """(correct, total, classes) of a classification spec's merged confusion, else None."""
-    labels = getattr(spec, "labels", None)
-    confusion = getattr(summary, "confusion", None)
-    if labels is None or confusion is None or getattr(labels, "task", "") == "regression":
+    """(correct, total, classes) of a classification spec's merged confusion, else None.
+
+    As `aggregator.slis`: the raw (noisy, unbiased) diagonal over the exact label count, and
+    no answer when the labels drown in the privacy noise (`slis.MAX_NOISE_SHARE`)."""
+    labels = spec.labels
+    confusion = summary.confusion
+    if labels is None or confusion is None or labels.task == REGRESSION:
         return None
     k = len(labels.classes)
-    c = np.clip(np.asarray(confusion, dtype=np.float64), 0.0, None)
+    c = np.asarray(confusion, dtype=np.float64)
     if c.size != (k + 1) ** 2:
         logger.warning("confusion of %d cells under a %d-class spec: accuracy skipped",
                        c.size, k)
         return None
-    c = c.reshape(k + 1, k + 1)
-    total = float(c.sum())
-    if total <= 0:
+    total = float(summary.label_histogram_count)
+    if total <= 0 or math.sqrt(summary.noise_variance_per_bin) > MAX_NOISE_SHARE * total:
         return None
-    # As aggregator.slis.classification: "other" against "other" is not counted correct.
-    return float(np.trace(c[:k, :k])), total, k
+    c = c.reshape(k + 1, k + 1)
+    # "other" against "other" is not counted correct (two unknown classes need not agree).
+    correct = min(max(float(np.trace(c[:k, :k])), 0.0), total)
+    return correct, total, k
 
 
 def _drift_rows(base: CohortHealth | None, cand: CohortHealth | None) -> list[_Pending]:

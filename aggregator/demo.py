@@ -79,8 +79,8 @@ DEMO_IDLE_FLUSH_S = 1.0
 # cohorts' values (p95 ~45-60 ms, accuracy ~0.78, error rate 0.5 %) so that only the injected
 # incidents fire. Drift is judged over 5 minutes and accuracy over 15, where one minute of 25
 # devices under privacy noise is too little to tell: over 15 minutes a cohort's accuracy has a
-# noise sd of ~0.03 (two confusion cells of sd ~380 over ~16,000 labels), so 0.68 is 3 sd
-# below the clean cohorts' and 3 sd above the drifted one's (~0.58).
+# noise sd of ~0.016 (two confusion cells of sd ~380 over ~34,000 labels), so 0.68 is 6 sd
+# below the clean cohorts' (~0.78) and 6 sd above the drifted one's (~0.58).
 DEMO_RULES = """\
 [[rule]]
 name = "latency-p95"

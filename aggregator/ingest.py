@@ -1,5 +1,10 @@
 """The ingest path: parse an envelope, validate the report against its spec, store and merge.
 
+Authenticate before parsing anything: with device keys, the envelope's signature is checked
+over the exact report bytes before those bytes are parsed (a sender without a device key
+reaches no code beyond the envelope's three fields), then the parsed report must name the
+device that signed it.
+
 Domain logic only; `aggregator.service` maps its errors to gRPC status codes.
 """
 
@@ -8,17 +13,20 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
-from agent.errors import SketchError, ValidationError
+from agent.errors import ConfigError, SketchError, ValidationError
 from agent.spec import Spec
+from aggregator.keys import DeviceKeys
 from aggregator.store.base import IngestOutcome, Store, rollup_resolutions
-from aggregator.validate import Limits, validate_report
+from aggregator.validate import ClockSkewError, Limits, validate_report
 from protos import fleetwatch_pb2 as pb
 
-__all__ = ["IngestRejected", "Ingestor", "UnknownSpec"]
+__all__ = ["IdentityMismatch", "IngestRejected", "IngestStats", "Ingestor", "ResourceExhausted",
+           "Unauthenticated", "UnknownSpec"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,23 +43,68 @@ class UnknownSpec(IngestRejected):
     """The report's spec hash is not registered (push the spec, then the device retries)."""
 
 
+class ResourceExhausted(IngestRejected):
+    """A server limit refused the report: its size, or the label cardinality of its model."""
+
+
+@dataclass(frozen=True)
+class IngestStats:
+    """The Ingestor's counters at one instant (what Admin.ServerStats returns)."""
+
+    accepted: int
+    duplicates: int
+    rejected: Mapping[str, int]
+
+
+class IdentityMismatch(IngestRejected):
+    """The report's device_id is not the device named by the sender's TLS certificate (or
+    not the device whose key signed it)."""
+
+
+class Unauthenticated(IngestRejected):
+    """No signature, a key id with no key, or a signature that does not verify."""
+
+
+class ClockAhead(IngestRejected):
+    """The report's timestamps are ahead of the aggregator's clock by more than the skew
+    allowed. Not final: the device keeps it and retries, and once the real time has caught up
+    with its clock the same report is accepted (nothing lost to a fast clock)."""
+
+
 class Ingestor:
     """Validates and merges reports into a Store; counts what it accepts and refuses.
 
-    ``on_accepted(spec_hash, window_start)`` is called after each accepted report's commit
-    (the alert evaluator's watermark); it must be cheap, and its errors are logged, not raised.
+    ``on_accepted(spec_hash, window_start, device_id)`` is called after each accepted report's
+    commit (the alert evaluator's watermark); it must be cheap, and its errors are logged, not
+    raised.
+
+    With ``keys`` every signed envelope is verified; ``require_signatures`` (default: whether
+    ``keys`` is given) also refuses unsigned ones. Without ``keys`` signatures are not checked.
     """
 
     def __init__(self, store: Store, limits: Limits = Limits(),
-                 on_accepted: Callable[[str, int], None] | None = None) -> None:
+                 on_accepted: Callable[[str, int, str], None] | None = None, *,
+                 keys: DeviceKeys | None = None,
+                 require_signatures: bool | None = None) -> None:
+        if require_signatures is None:
+            require_signatures = keys is not None
+        if require_signatures and keys is None:
+            raise ConfigError("require_signatures: needs the device keys (signing_keys_dir / "
+                              "--tls-dir) to verify them")
         self.store = store
         self.limits = limits
         self.on_accepted = on_accepted
+        self.keys = keys
+        self.require_signatures = require_signatures
         self._specs: dict[str, Spec] = {}
         self._lock = threading.Lock()
         self.accepted = 0
         self.duplicates = 0
         self.rejected: collections.Counter[str] = collections.Counter()
+        # Label cardinality: model -> key -> values stored, loaded from the store on a model's
+        # first report (so it survives restarts) and grown only after a commit.
+        self._label_values: dict[str, dict[str, set[str]]] = {}
+        self._labels_lock = threading.Lock()  # held from the check to the commit of a new value
 
     def _spec(self, spec_hash: str) -> Spec | None:
         spec = self._specs.get(spec_hash)
@@ -67,16 +120,111 @@ class Ingestor:
             self.rejected[reason] += 1
         return cls(reason, field, message)
 
-    def ingest(self, envelope_bytes: bytes) -> IngestOutcome:
-        """Ingest one serialized ReportEnvelope. Raises IngestRejected."""
+    def _authenticate(self, envelope: pb.ReportEnvelope) -> str | None:
+        """The key id whose signature over ``envelope.report`` verifies; None for an unsigned
+        envelope that is allowed (no keys, or signatures not required). Raises Unauthenticated.
+        """
+        if self.keys is None:
+            return None
+        key_id, signature = envelope.key_id, envelope.signature
+        if not key_id and not signature and not self.require_signatures:
+            return None
+        if not key_id or not signature:  # half a signature is never allowed
+            missing = "signature" if not signature else "key_id"
+            raise self._reject("unsigned", f"envelope.{missing}",
+                               f"the envelope has no {missing}: this aggregator requires "
+                               "signed reports (Monitor(signing_key=...))", Unauthenticated)
+        if not self.keys.known(key_id):
+            raise self._reject("unknown_device", "envelope.key_id",
+                               f"no signing key for device {key_id[:64]!r} (issue one with "
+                               "`fleetwatch certs issue-device`)", Unauthenticated)
+        if not self.keys.verify(key_id, envelope.report, signature):
+            raise self._reject("bad_signature", "envelope.signature",
+                               f"the signature does not verify with device {key_id!r}'s key",
+                               Unauthenticated)
+        return key_id
+
+    def count_rejected(self, reason: str) -> None:
+        """Count a refusal made outside `ingest` (the TLS interceptor's, `aggregator.auth`)."""
+        with self._lock:
+            self.rejected[reason] += 1
+
+    def stats(self) -> IngestStats:
+        with self._lock:
+            return IngestStats(self.accepted, self.duplicates, dict(self.rejected))
+
+    # -- label cardinality ---------------------------------------------------------------------
+
+    def _known_labels(self, model: str) -> dict[str, set[str]]:
+        known = self._label_values.get(model)
+        if known is None:
+            with self._labels_lock:
+                known = self._label_values.get(model)
+                if known is None:
+                    known = {}
+                    for ls in self.store.model_label_sets(model):
+                        for k, v in ls.labels.items():
+                            known.setdefault(k, set()).add(v)
+                    self._label_values[model] = known
+        return known
+
+    def _adds_labels(self, model: str, labels: Mapping[str, str]) -> bool:
+        """Whether a report would add a label key or value to its model (the rare case)."""
+        known = self._known_labels(model)
+        return any(v not in known.get(k, ()) for k, v in labels.items())
+
+    def _check_cardinality(self, model: str, labels: Mapping[str, str]) -> None:
+        """Refuse a report that would push its model past a cardinality limit (hold
+        `_labels_lock`: concurrent reports must not both take the last free value)."""
+        known = self._known_labels(model)
+        new_keys = [k for k in labels if k not in known]
+        if new_keys and len(known) + len(new_keys) > self.limits.max_label_keys_per_model:
+            raise self._reject(
+                "too_many_label_keys", "labels",
+                f"model {model[:64]!r} has {len(known)} label keys (limit "
+                f"{self.limits.max_label_keys_per_model}); new key {new_keys[0][:40]!r} refused",
+                ResourceExhausted)
+        for k, v in labels.items():
+            values = known.get(k, set())
+            if v not in values and len(values) >= self.limits.max_label_values_per_key:
+                raise self._reject(
+                    "too_many_label_values", "labels",
+                    f"label {k[:40]!r} of model {model[:64]!r} has {len(values)} distinct "
+                    f"values (limit {self.limits.max_label_values_per_key}); new value "
+                    f"{v[:40]!r} refused (not folded into another cohort)", ResourceExhausted)
+
+    def _remember_labels(self, model: str, labels: Mapping[str, str]) -> None:
+        known = self._known_labels(model)
+        for k, v in labels.items():
+            known.setdefault(k, set()).add(v)
+
+    def ingest(self, envelope_bytes: bytes, peer_device_id: str | None = None) -> IngestOutcome:
+        """Ingest one serialized ReportEnvelope. Raises IngestRejected.
+
+        ``peer_device_id``: the device named by the sender's TLS certificate (None without
+        TLS); the report's device_id must be that device."""
         try:
             envelope = pb.ReportEnvelope.FromString(envelope_bytes)
-            report = pb.WindowReport.FromString(envelope.report)
         except DecodeError as e:
-            raise self._reject("malformed", "envelope", f"not a valid ReportEnvelope "
-                               f"carrying a WindowReport: {e}") from None
+            raise self._reject("malformed", "envelope", f"not a valid ReportEnvelope: {e}"
+                               ) from None
         if not envelope.report:
             raise self._reject("malformed", "envelope.report", "empty report")
+        signer = self._authenticate(envelope)  # before the report bytes are parsed
+        try:
+            report = pb.WindowReport.FromString(envelope.report)
+        except DecodeError as e:
+            raise self._reject("malformed", "envelope.report", f"not a valid WindowReport: "
+                               f"{e}") from None
+        if signer is not None and report.device_id != signer:
+            raise self._reject("identity_mismatch", "device_id",
+                               f"report for device {report.device_id[:128]!r} is signed by "
+                               f"device {signer!r}", IdentityMismatch)
+        if peer_device_id is not None and report.device_id != peer_device_id:
+            # A device may only report as itself: a stolen key speaks for one device only.
+            raise self._reject("identity_mismatch", "device_id",
+                               f"report for device {report.device_id[:128]!r} sent with the "
+                               f"certificate of device {peer_device_id!r}", IdentityMismatch)
         spec = self._spec(report.spec_hash)
         if spec is None:
             raise self._reject("unknown_spec", "spec_hash",
@@ -85,20 +233,33 @@ class Ingestor:
                                "(fleetwatch spec push)", UnknownSpec)
         try:
             meta, summary = validate_report(report, spec, self.limits)
+        except ClockSkewError as e:
+            raise self._reject("clock_skew", e.field, e.message, ClockAhead) from None
         except SketchError as e:
             raise self._reject("bad_sketch", e.field, e.message) from None
         except ValidationError as e:
             raise self._reject("invalid", e.field, e.message) from None
-        outcome = self.store.ingest(meta, envelope_bytes, summary,
-                                    rollup_resolutions(spec.window_length_s))
+        resolutions = rollup_resolutions(spec.window_length_s)
+        if not self._adds_labels(spec.model, meta.labels):
+            outcome = self.store.ingest(meta, envelope_bytes, summary, resolutions)
+        else:
+            with self._labels_lock:
+                self._check_cardinality(spec.model, meta.labels)
+                outcome = self.store.ingest(meta, envelope_bytes, summary, resolutions)
+                if outcome is IngestOutcome.ACCEPTED:
+                    self._remember_labels(spec.model, meta.labels)
         with self._lock:
             if outcome is IngestOutcome.DUPLICATE:
                 self.duplicates += 1
+            elif outcome is IngestOutcome.REPLAYED:
+                # Acknowledged (as a duplicate, so the spool lets go) but refused: counted
+                # with the refusals.
+                self.rejected["replayed"] += 1
             else:
                 self.accepted += 1
         if outcome is IngestOutcome.ACCEPTED and self.on_accepted is not None:
             try:
-                self.on_accepted(meta.spec_hash, meta.window_start_unix_s)
+                self.on_accepted(meta.spec_hash, meta.window_start_unix_s, meta.device_id)
             except Exception:  # the report is stored: a hook's bug must not fail the RPC
                 logger.exception("on_accepted hook failed")
         return outcome

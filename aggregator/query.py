@@ -186,16 +186,18 @@ class MergedCohort:
 
 
 def merged_cohorts(store: Store, spec: Spec, selector: Mapping[str, str],
-                   group_by: Sequence[str], lo: int, hi: int) -> list[MergedCohort]:
+                   group_by: Sequence[str], lo: int, hi: int,
+                   include_empty: bool = False) -> list[MergedCohort]:
     """Per cohort of the selection (sorted by group key), the merged summary over [lo, hi).
 
-    Cohorts without any rollup in the range are left out."""
+    Cohorts without any rollup in the range are left out, unless `include_empty`: then they
+    come with a zero summary and no `label_set_ids` (their `member_ids` say who they are)."""
     cover = time_cover(lo, hi, rollup_resolutions(spec.window_length_s))
     groups = _select(store, spec, selector, group_by)
     out = []
     for key in sorted(groups):
         per_set = store.merged_rollups(spec.hash, (ls.id for ls in groups[key]), cover)
-        if not per_set:
+        if not per_set and not include_empty:
             continue
         merged = Summary.zero(spec)
         for s in per_set.values():
@@ -222,11 +224,18 @@ def cohort_health(store: Store, model: str, model_version: str = "",
     # Availability's denominator: the day before the range's end, or the whole range when it
     # is longer (so that a device counted above is always counted below: availability <= 1).
     day_lo = min(lo, hi - DAY_S)
-    for mc in merged_cohorts(store, spec, selector, group_by, lo, hi):
+    for mc in merged_cohorts(store, spec, selector, group_by, lo, hi, include_empty=True):
         merged = mc.summary
+        last_day = store.device_count(spec.hash, mc.member_ids, day_lo, hi)
+        if not mc.label_set_ids:
+            # Silence is the worst outage, not the absence of a cohort: a cohort whose every
+            # device stopped reporting (heartbeats included) stays listed, at availability
+            # 0, for a day after its last report.
+            if last_day:
+                out.append(_silent_cohort(spec, mc, lo, hi, last_day, reference_latency))
+            continue
         p50, p95, p99 = _latency_quantiles_of(merged.latency)
         devices = store.device_count(spec.hash, mc.label_set_ids, lo, hi)
-        last_day = store.device_count(spec.hash, mc.member_ids, day_lo, hi)
         out.append(CohortHealth(
             cohort=mc.cohort,
             model=spec.model,
@@ -264,6 +273,18 @@ def cohort_health(store: Store, model: str, model_version: str = "",
             ground_truth=label_slis(spec, merged),
         ))
     return out
+
+
+def _silent_cohort(spec: Spec, mc: MergedCohort, lo: int, hi: int, last_day: int,
+                   reference_latency: tuple[float, float, float]) -> CohortHealth:
+    nan = math.nan
+    return CohortHealth(
+        cohort=mc.cohort, model=spec.model, model_version=spec.model_version,
+        spec_hash=spec.hash, start_unix_s=lo, end_unix_s=hi, devices=0, reports=0, events=0,
+        errors=0, error_rate=nan, latency_p50_ms=nan, latency_p95_ms=nan, latency_p99_ms=nan,
+        latency_rank_error=0.0, reference_latency_ms=reference_latency,
+        devices_last_day=last_day, availability=0.0, heartbeats=0,
+        ground_truth=label_slis(spec, mc.summary))
 
 
 def cohort_fairness(store: Store, model: str, model_version: str = "",

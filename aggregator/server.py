@@ -3,6 +3,10 @@
     with serve(AggregatorConfig(db="fleet.db", listen="127.0.0.1:0")) as running:
         print(running.port)
 
+With ``tls_dir`` (`fleetwatch certs init --dir DIR`) it serves mutual TLS on any address and
+authorizes each call by the client certificate's role (`aggregator.auth`, docs/security.md);
+without it, plaintext on loopback only.
+
 With ``rules_path`` the server also evaluates alert rules on closed windows (event time) in a
 background thread and notifies the log and ``webhooks`` (docs/alerts.md).
 """
@@ -22,7 +26,9 @@ import grpc
 
 from agent.errors import ConfigError
 from aggregator.alerts.evaluator import AlertEvaluator, EvaluatorConfig, load_server_rules
+from aggregator.auth import AuthInterceptor, RevocationList
 from aggregator.ingest import Ingestor
+from aggregator.keys import DeviceKeys
 from aggregator.notify import LogNotifier, MultiNotifier, Notifier, WebhookNotifier
 from aggregator.service import AdminService, IngestService, QueryService, ingest_handler
 from aggregator.store.sqlite import SqliteStore
@@ -39,7 +45,17 @@ class AggregatorConfig:
     db: str | pathlib.Path
     listen: str = "127.0.0.1:7070"
     workers: int = 8
-    max_message_bytes: int = 4 << 20
+    # Largest Report envelope taken, far below gRPC's 4 MiB default. A large realistic report
+    # (50 features x 20 bins of noisy counts, a prediction histogram, 10-class labels, a KLL
+    # sketch of 10k latencies, 32 labels of 64 characters, a signature) serializes to ~9.7 kB
+    # (tests/integration/test_limits_e2e.py measures it): 256 KiB leaves a 25x margin. Larger
+    # envelopes are refused with RESOURCE_EXHAUSTED and counted as "oversize"; gRPC itself
+    # cuts messages above 2x this (grpc_receive_limit) before our code sees them, and those
+    # are not counted (gRPC gives the server no hook for them).
+    max_message_bytes: int = 256 << 10
+    # Calls in flight or queued at once; beyond it gRPC refuses new calls at once with
+    # RESOURCE_EXHAUSTED ("Concurrent RPC limit exceeded", not counted by us) instead of
+    # queueing them without bound. Queued calls whose deadline passes are refused unhandled.
     max_concurrent_rpcs: int = 256
     limits: Limits = field(default_factory=Limits)
     # Alerting (docs/alerts.md): off without a rule file.
@@ -51,18 +67,49 @@ class AggregatorConfig:
     alert_tick_s: float = 0.5
     alert_max_windows_per_tick: int = 60
     webhook_timeout_s: float = 5.0
+    # Mutual TLS (docs/security.md): ca.pem, server.pem, server.key and revoked.txt live here.
+    tls_dir: str | pathlib.Path | None = None
+    revocation_check_s: float = 1.0
+    # Signed reports (docs/security.md): devices/<ID>.sign.pub live here (`fleetwatch serve
+    # --tls-dir DIR` uses the same DIR). require_signatures None: required when
+    # signing_keys_dir is given; False still verifies the signed reports but takes unsigned
+    # ones (while a fleet migrates).
+    signing_keys_dir: str | pathlib.Path | None = None
+    require_signatures: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.require_signatures and self.signing_keys_dir is None:
+            raise ConfigError("require_signatures: needs signing_keys_dir (--tls-dir), where "
+                              "the devices' .sign.pub keys are")
+        if self.signing_keys_dir is not None and not pathlib.Path(
+                self.signing_keys_dir).is_dir():
+            raise ConfigError(f"signing_keys_dir: {self.signing_keys_dir} is not a directory "
+                              "(make it with `fleetwatch certs init --dir DIR`)")
         host, sep, port = self.listen.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ConfigError(f"listen: {self.listen!r} is not HOST:PORT")
-        if not _is_loopback(host):
+        if self.tls_dir is None and not _is_loopback(host):
             raise ConfigError(
                 f"listen: {self.listen!r} is not a loopback address. Without TLS the "
-                "aggregator serves loopback only (127.0.0.1, ::1, localhost); mutual TLS for "
-                "remote devices is not implemented yet")
+                "aggregator serves loopback only (127.0.0.1, ::1, localhost); serve other "
+                "addresses with mutual TLS (tls_dir / --tls-dir, docs/security.md)")
+        if self.tls_dir is not None:
+            missing = [n for n in TLS_FILES if not (pathlib.Path(self.tls_dir) / n).is_file()]
+            if missing:
+                raise ConfigError(f"tls_dir: {self.tls_dir} has no {', '.join(missing)} (make "
+                                  "them with `fleetwatch certs init --dir DIR`)")
+        if not (math.isfinite(self.revocation_check_s) and self.revocation_check_s >= 0):
+            raise ConfigError(f"revocation_check_s: must be >= 0, got "
+                              f"{self.revocation_check_s!r}")
         if self.workers < 1:
             raise ConfigError("workers must be at least 1")
+        if not isinstance(self.max_message_bytes, int) or not (
+                1 << 10) <= self.max_message_bytes <= (64 << 20):
+            raise ConfigError(f"max_message_bytes: must be an integer in [1 KiB, 64 MiB], got "
+                              f"{self.max_message_bytes!r}")
+        if not isinstance(self.max_concurrent_rpcs, int) or self.max_concurrent_rpcs < 1:
+            raise ConfigError(f"max_concurrent_rpcs: must be an integer >= 1, got "
+                              f"{self.max_concurrent_rpcs!r}")
         if isinstance(self.webhooks, str):
             raise ConfigError("webhooks: give a sequence of URLs, not one string")
         object.__setattr__(self, "webhooks", tuple(self.webhooks))
@@ -82,6 +129,15 @@ class AggregatorConfig:
                                    external_url=self.external_url)
         except ConfigError as e:  # name this config's field: lateness_s -> alert_lateness_s
             raise ConfigError(f"alert_{e}") from None
+
+    @property
+    def grpc_receive_limit(self) -> int:
+        """gRPC's own cut (grpc.max_receive_message_length): above ours, so that moderately
+        oversize reports reach our check and are counted; only absurd ones are cut unseen."""
+        return 2 * self.max_message_bytes
+
+
+TLS_FILES = ("ca.pem", "server.pem", "server.key")
 
 
 def _is_loopback(host: str) -> bool:
@@ -112,6 +168,7 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
     """Start the aggregator; yields it with its bound port and always stops it.
 
     A bad rule file or webhook URL raises ``ConfigError`` before anything listens."""
+    credentials = _server_credentials(config)  # read now: a bad file fails before the store opens
     store = SqliteStore(config.db)
     try:
         evaluator = _alert_evaluator(config, store)
@@ -119,19 +176,33 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
         store.close()
         raise
     ingestor = Ingestor(store, config.limits,
-                        on_accepted=evaluator.on_accepted if evaluator else None)
+                        on_accepted=evaluator.on_accepted if evaluator else None,
+                        keys=(None if config.signing_keys_dir is None
+                              else DeviceKeys(config.signing_keys_dir)),
+                        require_signatures=config.require_signatures)
+    if ingestor.keys is not None:
+        logger.info("report signatures: verified with keys from %s/devices, %s",
+                    config.signing_keys_dir, "required" if ingestor.require_signatures
+                    else "unsigned reports still taken")
+    interceptors = [] if credentials is None else [AuthInterceptor(
+        RevocationList(pathlib.Path(config.tls_dir) / "revoked.txt",  # type: ignore[arg-type]
+                       check_interval_s=config.revocation_check_s),
+        count=ingestor.count_rejected)]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers,
                                    thread_name_prefix="fleetwatch-rpc"),
-        options=[("grpc.max_receive_message_length", config.max_message_bytes),
+        options=[("grpc.max_receive_message_length", config.grpc_receive_limit),
                  ("grpc.max_send_message_length", 64 << 20),
                  ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        interceptors=interceptors,
     )
-    server.add_generic_rpc_handlers((ingest_handler(IngestService(ingestor, store)),))
-    pb_grpc.add_AdminServicer_to_server(AdminService(store), server)
+    server.add_generic_rpc_handlers((ingest_handler(
+        IngestService(ingestor, store, max_message_bytes=config.max_message_bytes)),))
+    pb_grpc.add_AdminServicer_to_server(AdminService(store, ingestor), server)
     pb_grpc.add_QueryServicer_to_server(QueryService(store, alerts=evaluator), server)
-    port = server.add_insecure_port(config.listen)
+    port = (server.add_insecure_port(config.listen) if credentials is None
+            else server.add_secure_port(config.listen, credentials))
     if port == 0:
         if evaluator is not None:
             evaluator.close(timeout_s=0.0)
@@ -140,8 +211,13 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
     server.start()
     if evaluator is not None:
         evaluator.start()
-    logger.warning("serving on %s WITHOUT TLS (loopback only) with database %s",
-                   config.listen.rsplit(":", 1)[0] + f":{port}", config.db)
+    address = config.listen.rsplit(":", 1)[0] + f":{port}"
+    if credentials is None:
+        logger.warning("serving on %s WITHOUT TLS (loopback only) with database %s", address,
+                       config.db)
+    else:
+        logger.info("serving on %s with mutual TLS (certificates and revoked.txt in %s) with "
+                    "database %s", address, config.tls_dir, config.db)
     try:
         yield RunningAggregator(server, port, store, ingestor, evaluator)
     finally:
@@ -150,6 +226,19 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
             # Bounded: a hung webhook receiver delays shutdown by at most this much.
             evaluator.close(timeout_s=2.0)
         store.close()
+
+
+def _server_credentials(config: AggregatorConfig) -> grpc.ServerCredentials | None:
+    """Mutual TLS from ``tls_dir``: clients must present a certificate of the fleet CA."""
+    if config.tls_dir is None:
+        return None
+    d = pathlib.Path(config.tls_dir)
+    try:
+        ca, chain, key = ((d / n).read_bytes() for n in ("ca.pem", "server.pem", "server.key"))
+    except OSError as e:
+        raise ConfigError(f"tls_dir: cannot read {e.filename}: {e.strerror}") from None
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=ca,
+                                       require_client_auth=True)
 
 
 def _alert_evaluator(config: AggregatorConfig, store: SqliteStore) -> AlertEvaluator | None:

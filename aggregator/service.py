@@ -5,6 +5,7 @@ One table maps domain errors to status codes (`_STATUS`)."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import NoReturn
 
 import grpc
@@ -12,8 +13,18 @@ import grpc
 from agent.errors import SpecError, ValidationError
 from agent.wire import spec_from_proto, spec_to_proto
 from aggregator.alerts.evaluator import AlertEvaluator, ModelBudget
+from aggregator.auth import peer_identity
+from aggregator.certs import DEVICE
 from aggregator.compare import Comparison, compare_versions
-from aggregator.ingest import Ingestor, UnknownSpec
+from aggregator.ingest import (
+    ClockAhead,
+    IdentityMismatch,
+    Ingestor,
+    ResourceExhausted,
+    Unauthenticated,
+    UnknownSpec,
+)
+from aggregator.kll_check import check_kll_floats
 from aggregator.query import (
     CohortHealth,
     CohortPrivacy,
@@ -36,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 _STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (UnknownSpec, grpc.StatusCode.FAILED_PRECONDITION),
+    (ClockAhead, grpc.StatusCode.FAILED_PRECONDITION),   # retried by the device, not dropped
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (IdentityMismatch, grpc.StatusCode.PERMISSION_DENIED),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
     (SpecError, grpc.StatusCode.INVALID_ARGUMENT),
     (QueryError, grpc.StatusCode.NOT_FOUND),
@@ -54,17 +69,32 @@ def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
 class IngestService:
     """Report (raw envelope bytes in, so garbage gets a clear INVALID_ARGUMENT) and GetSpec."""
 
-    def __init__(self, ingestor: Ingestor, store: Store) -> None:
+    def __init__(self, ingestor: Ingestor, store: Store,
+                 max_message_bytes: int | None = None) -> None:
         self.ingestor = ingestor
         self.store = store
+        # Our own limit, below gRPC's receive limit: refusals up to gRPC's are counted here.
+        self.max_message_bytes = max_message_bytes
 
     def Report(self, request: bytes, context: grpc.ServicerContext) -> pb.ReportResponse:
+        if self.max_message_bytes is not None and len(request) > self.max_message_bytes:
+            self.ingestor.count_rejected("oversize")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"envelope: {len(request)} bytes, above the limit of "
+                          f"{self.max_message_bytes}")
+        left = context.time_remaining()
+        if left is not None and left <= 0:
+            # The caller has given up (it waited in the queue): its retry will carry the report.
+            self.ingestor.count_rejected("deadline_exceeded")
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          "the call's deadline passed before it was handled")
         try:
-            outcome = self.ingestor.ingest(request)
+            outcome = self.ingestor.ingest(request, _peer_device_id(context))
         except Exception as e:  # mapped to a status; never kills the server
             _abort(context, e)
-        status = (pb.ReportResponse.DUPLICATE if outcome is IngestOutcome.DUPLICATE
-                  else pb.ReportResponse.ACCEPTED)
+        # A replay is acknowledged like a duplicate: never merged, and the sender lets go.
+        status = (pb.ReportResponse.ACCEPTED if outcome is IngestOutcome.ACCEPTED
+                  else pb.ReportResponse.DUPLICATE)
         return pb.ReportResponse(status=status)
 
     def GetSpec(self, request: pb.GetSpecRequest, context: grpc.ServicerContext) -> pb.Spec:
@@ -75,6 +105,13 @@ class IngestService:
                           f"{request.model_version or '(latest)'!r}: push one with "
                           "`fleetwatch spec push`")
         return spec_to_proto(spec)
+
+
+def _peer_device_id(context: grpc.ServicerContext) -> str | None:
+    """The device named by the peer's certificate; None without TLS (loopback only). Under
+    TLS the interceptor (`aggregator.auth`) lets only device certificates call Report."""
+    identity = peer_identity(context)
+    return identity.name if identity is not None and identity.role == DEVICE else None
 
 
 def ingest_handler(service: IngestService) -> grpc.GenericRpcHandler:
@@ -89,13 +126,23 @@ def ingest_handler(service: IngestService) -> grpc.GenericRpcHandler:
 
 
 class AdminService(pb_grpc.AdminServicer):
-    def __init__(self, store: Store) -> None:
+    """PushSpec, ListSpecs and ServerStats (the Ingestor's counters; zeros without one)."""
+
+    def __init__(self, store: Store, ingestor: Ingestor | None = None) -> None:
         self.store = store
+        self.ingestor = ingestor
+        self.started_unix_s = int(time.time())
 
     def PushSpec(self, request: pb.Spec, context: grpc.ServicerContext) -> pb.PushSpecResponse:
         try:
             spec = spec_from_proto(request)
+            if spec.latency_reference_kll:
+                # Untrusted bytes that the query path hands to datasketches: check them now.
+                check_kll_floats(spec.latency_reference_kll,
+                                 field="latency.reference_kll")
         except Exception as e:
+            if self.ingestor is not None:
+                self.ingestor.count_rejected("invalid_spec")
             _abort(context, e)
         created = self.store.put_spec(spec)
         logger.info("spec %s for %s/%s %s", spec.hash[:12], spec.model, spec.model_version,
@@ -106,6 +153,15 @@ class AdminService(pb_grpc.AdminServicer):
                   context: grpc.ServicerContext) -> pb.ListSpecsResponse:
         return pb.ListSpecsResponse(specs=[spec_to_proto(s)
                                            for s in self.store.list_specs(request.model)])
+
+    def ServerStats(self, request: pb.ServerStatsRequest,
+                    context: grpc.ServicerContext) -> pb.ServerStatsResponse:
+        response = pb.ServerStatsResponse(started_unix_s=self.started_unix_s)
+        if self.ingestor is not None:
+            stats = self.ingestor.stats()
+            response.accepted, response.duplicates = stats.accepted, stats.duplicates
+            response.rejected.update(stats.rejected)
+        return response
 
 
 def _drift_to_proto(f: FeatureHealth) -> pb.FeatureDrift:

@@ -303,7 +303,7 @@ class FleetConfig:
     model_version: str = "1"
     seed: int = 7
     workers: int = 8  # threads that spool and deliver closed windows
-    label_rate: float = 0.3
+    label_rate: float = 0.6
     label_delay_minutes: int = 3
     device_prefix: str = "cam"
 

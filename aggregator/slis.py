@@ -262,7 +262,8 @@ NOISE_FLOOR_SD = 5.0
 
 
 def histogram_quantile(counts: np.ndarray | Sequence[int], edges: Sequence[float],
-                       q: float, noise_sd: float = 0.0) -> tuple[float, bool]:
+                       q: float, noise_sd: float = 0.0,
+                       total: float | None = None) -> tuple[float, bool]:
     """The q-quantile of a numeric-layout histogram and whether it is only a lower bound.
 
     Linear interpolation inside the bin that holds rank q * N (values assumed uniform within
@@ -276,12 +277,21 @@ def histogram_quantile(counts: np.ndarray | Sequence[int], edges: Sequence[float
     one cell over a merged cohort: kept as they are (or clamped at 0), the empty far bins'
     noise would make up that tail and drag high quantiles out to hours. The price: real bins
     of fewer values than that are ignored, so a cohort too small to rise above the noise
-    gets NaN, not a made-up quantile.
+    gets NaN, not a made-up quantile. With the exact number of values (`total`), mass spread
+    thinly over the dropped bins is detected: when the kept bins fall short of `total` by more
+    than 3 sd of their own noise, where that mass lies is unknown, and the answer is NaN.
     """
     e = np.asarray(edges, dtype=np.float64)
     c = _numeric_counts(counts, e, "histogram")
-    c = np.where(c >= max(NOISE_FLOOR_SD * noise_sd, 0.0), c, 0.0) if noise_sd > 0 \
-        else np.clip(c, 0.0, None)
+    if noise_sd > 0:
+        keep = c >= NOISE_FLOOR_SD * noise_sd
+        c = np.where(keep, c, 0.0)
+        if total is not None:
+            hidden = float(total) - float(c.sum())
+            if hidden > 3.0 * noise_sd * math.sqrt(max(1, int(keep.sum()))):
+                return NAN, False
+    else:
+        c = np.clip(c, 0.0, None)
     total = float(c.sum())
     if total <= 0:
         return NAN, False
@@ -367,8 +377,8 @@ def label_slis(spec: Spec, summary: Summary) -> LabelSLIs:
     noise_sd = math.sqrt(summary.noise_variance_per_bin)
     if latency is not None and ls.latency_edges:
         out["label_latency_p50_s"], _ = histogram_quantile(latency, ls.latency_edges, 0.5,
-                                                           noise_sd)
-        p95, p95_low = histogram_quantile(latency, ls.latency_edges, 0.95, noise_sd)
+                                                           noise_sd, n)
+        p95, p95_low = histogram_quantile(latency, ls.latency_edges, 0.95, noise_sd, n)
         out["label_latency_p95_s"], out["label_latency_p95_lower_bound"] = p95, p95_low
     if ls.task == REGRESSION:
         residuals = summary.residuals

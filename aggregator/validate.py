@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.errors import ValidationError
+from agent.errors import ConfigError, ValidationError
 from agent.privacy import noise_plan
 from agent.spec import Spec
 from agent.summary import LABEL_HISTOGRAMS, Summary
@@ -21,11 +21,14 @@ from agent.wire import ReportMeta, report_from_proto
 from aggregator.kll_check import load_kll_floats
 from protos import fleetwatch_pb2 as pb
 
-__all__ = ["Limits", "validate_report"]
+__all__ = ["MAX_SEQ", "ClockSkewError", "Limits", "validate_report"]
 
 _COUNT_FIELDS = ("event_count", "error_count", "late_event_count", "invalid_value_count",
                  "unknown_feature_count", "spool_dropped_count", "labeled_count",
-                 "labels_unmatched_count", "label_cache_evicted_count", "clamped_label_count")
+                 "labels_unmatched_count", "label_cache_evicted_count", "clamped_label_count",
+                 "clamped_event_count")
+# SQLite integers are signed 64-bit: a larger uint64 seq could not even be stored.
+MAX_SEQ = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -36,22 +39,55 @@ class Limits:
     max_label_len: int = 128
     max_device_id_len: int = 256
     max_events_per_report: int = 1 << 32
-    max_future_s: int = 86400     # window starts further ahead of our clock are refused
+    # How far a device's clock may run ahead of ours: reports created later than now + skew
+    # are refused, and windows starting after now + skew + one window length. Nothing bounds
+    # the past: a device offline for hours delivers its old windows late, and they count.
+    max_clock_skew_s: int = 300
     max_sketch_bytes: int = 1 << 20
+    max_agent_version_len: int = 128
+    # Cardinality per model, over every version (checked by the Ingestor against what is
+    # stored): a report that would add a value (a key) beyond these is refused, never folded
+    # into "other", so the cohorts that exist stay exact and the rollups stay bounded.
+    max_label_values_per_key: int = 1000
+    max_label_keys_per_model: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_labels", "max_label_len", "max_device_id_len", "max_agent_version_len",
+                     "max_label_values_per_key", "max_label_keys_per_model"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name}: must be an integer >= 1, got {value!r}")
+
+
+class ClockSkewError(ValidationError):
+    """A timestamp ahead of the aggregator's clock by more than the allowed skew."""
 
 
 def _fail(field: str, message: str) -> ValidationError:
     return ValidationError(field, message)
 
 
+def _check_text(field: str, text: str, what: str) -> None:
+    """Printable (no control, format or line-separator characters, which would forge log lines
+    and cohort names that look alike) and without surrounding whitespace (`parse_labels` strips
+    it, so "k= v" would not read back as stored)."""
+    if not text.isprintable() or text != text.strip():
+        raise _fail(field, f"{what} {text[:40]!r} has control characters or surrounding "
+                    "whitespace")
+
+
 def _check_meta(msg: pb.WindowReport, spec: Spec, limits: Limits, now: float) -> None:
     if not msg.device_id or len(msg.device_id) > limits.max_device_id_len:
         raise _fail("device_id", f"must be 1-{limits.max_device_id_len} characters")
+    _check_text("device_id", msg.device_id, "device id")
+    if len(msg.agent_version) > limits.max_agent_version_len:
+        raise _fail("agent_version", f"at most {limits.max_agent_version_len} characters")
+    _check_text("agent_version", msg.agent_version, "agent version")
     if msg.model != spec.model or msg.model_version != spec.model_version:
         raise _fail("model", f"report is for {msg.model}/{msg.model_version} but its spec hash "
                     f"belongs to {spec.model}/{spec.model_version}")
-    if msg.seq < 1:
-        raise _fail("seq", "must be at least 1")
+    if not 1 <= msg.seq <= MAX_SEQ:
+        raise _fail("seq", f"must be in [1, 2**63 - 1], got {msg.seq}")
     if len(msg.labels) > limits.max_labels:
         raise _fail("labels", f"at most {limits.max_labels} labels, got {len(msg.labels)}")
     for k, v in msg.labels.items():
@@ -60,6 +96,8 @@ def _check_meta(msg: pb.WindowReport, spec: Spec, limits: Limits, now: float) ->
                         f"characters, value at most {limits.max_label_len}")
         if "," in k or "=" in k or "," in v or "=" in v:
             raise _fail("labels", f"label {k[:40]!r}: ',' and '=' are not allowed")
+        _check_text("labels", k, "label key")
+        _check_text("labels", v, f"label {k[:40]!r}: value")
     if msg.window_length_s != spec.window_length_s:
         raise _fail("window_length_s", f"{msg.window_length_s} does not match the spec's "
                     f"{spec.window_length_s}")
@@ -68,9 +106,14 @@ def _check_meta(msg: pb.WindowReport, spec: Spec, limits: Limits, now: float) ->
                     f"window length {spec.window_length_s}")
     if msg.window_start_unix_s < 0:
         raise _fail("window_start_unix_s", "must not be negative")
-    if msg.window_start_unix_s > now + limits.max_future_s:
-        raise _fail("window_start_unix_s", f"{msg.window_start_unix_s} is more than "
-                    f"{limits.max_future_s} s ahead of the aggregator's clock")
+    skew = limits.max_clock_skew_s
+    if msg.window_start_unix_s > now + skew + spec.window_length_s:
+        raise ClockSkewError("window_start_unix_s", f"{msg.window_start_unix_s} starts more "
+                             f"than {skew} s (the clock skew allowed) plus one window after "
+                             f"the aggregator's clock ({int(now)})")
+    if msg.created_unix_ms > (now + skew) * 1000:  # 0: not set (older agents)
+        raise ClockSkewError("created_unix_ms", f"{msg.created_unix_ms} is more than {skew} s "
+                             f"ahead of the aggregator's clock ({int(now * 1000)})")
     for name in _COUNT_FIELDS:
         if getattr(msg, name) > limits.max_events_per_report:
             raise _fail(name, f"{getattr(msg, name)} is absurd (limit "

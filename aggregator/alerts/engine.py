@@ -273,6 +273,7 @@ class AlertEngine:
         self._slo: dict[str, dict[Cohort, _SloCohort]] = {s.name: {} for s in rules.slos}
         self._resolved: deque[Alert] = deque(maxlen=keep_resolved)
         self._last_end_s: float | None = None
+        self._window_s: float = 0.0   # the evaluated windows' length (burn-rate spans)
 
     @property
     def groupings(self) -> frozenset[tuple[str, ...]]:
@@ -322,6 +323,7 @@ class AlertEngine:
                     raise ValueError(f"two samples for cohort {dict(cohort)} in one window")
                 group[cohort] = sample.metrics
             rows[sampling] = group
+        self._window_s = window_end_s - window_start_s
         out: list[AlertTransition] = []
         for rule in self.rules.rules:
             self._eval_threshold(rule, rows[rule.sampling], window_start_s, window_end_s, out)
@@ -360,7 +362,9 @@ class AlertEngine:
                 previous = st.state
                 st.value, st.last_known_s = value, end_s
             if st.state == "pending":
-                if past_clear:
+                # `for` asks for a continuous breach: any window that does not breach ends a
+                # pending alert (hysteresis only keeps a FIRING alert from flapping).
+                if not breach:
                     del states[cohort]
                     self._emit(rule, cohort, st, "pending", "inactive", None, end_s, out)
                 elif breach and end_s - st.since_s >= rule.for_s:
@@ -408,10 +412,17 @@ class AlertEngine:
             if st.active is None and len(st.ring) == 0 and not st.budget.buckets:
                 del states[cohort]
 
-    @staticmethod
-    def _burn(slo: SloRule, ring: _Ring, now_s: float, window_s: float) -> float:
+    def _burn(self, slo: SloRule, ring: _Ring, now_s: float, window_s: float) -> float:
+        """(bad windows / the windows the burn window spans) / budget fraction.
+
+        The span, not just the windows seen: a new cohort (or a new engine) whose first window
+        is bad has burned one window of an hour's budget, not 100 % of it, and must not page
+        at once. Windows without a known value count as good here (at least the windows
+        counted are used, should a span hold more of them)."""
         n, bad = ring.counts(now_s, window_s)
-        return 0.0 if n == 0 else (bad / n) / slo.budget_fraction
+        span = window_s / self._window_s if self._window_s else 0.0
+        denominator = max(float(n), span)
+        return 0.0 if denominator <= 0 else (bad / denominator) / slo.budget_fraction
 
     def _burning(self, slo: SloRule, ring: _Ring, now_s: float
                  ) -> tuple[str, float, float] | None:
@@ -504,6 +515,7 @@ class AlertEngine:
         return {
             "version": SNAPSHOT_VERSION,
             "last_end_s": self._last_end_s,
+            "window_s": self._window_s,
             "budget_bucket_s": self.budget_bucket_s,
             "threshold": {name: [{"cohort": [list(p) for p in c], "active": active(st)}
                                  for c, st in sorted(states.items())]
@@ -526,6 +538,7 @@ class AlertEngine:
             raise ValueError(f"unsupported alert engine snapshot version {data.get('version')!r}")
         engine = cls(rules, **kwargs)
         engine._last_end_s = data.get("last_end_s")
+        engine._window_s = float(data.get("window_s") or 0.0)
 
         def active(raw: Mapping[str, Any] | None) -> _Active | None:
             if raw is None:

@@ -10,13 +10,17 @@ Example::
     evaluator.close()
 
 One :class:`~aggregator.alerts.engine.AlertEngine` per (model, model_version) with reports.
-Event time decides what a window holds and when it is closed: per spec, the *watermark* is
-the largest window start received minus ``lateness_s`` (default: one window length), and every
-window whose end is at or before it is evaluated once, in order. The only wall-clock input is
-the idle flush: when no report of a spec arrived for ``idle_flush_s``, its watermark moves to
-the end of its latest window, so the last windows of a replay or of a quiet fleet are
-evaluated too. A report for a window already evaluated still counts in ``fleetwatch health``
-but not in alerts.
+Event time decides what a window holds and when it is closed. Per spec, each device's newest
+window start is tracked; the *watermark* is the OLDEST of them among the devices that reported
+in the last ``idle_flush_s`` (each device sends every window, heartbeats included, in order),
+plus one window, minus ``lateness_s`` (default: one window length); every window whose end is
+at or before it is evaluated once, in order. So the slowest active device holds the windows
+open until it has delivered them, and a device whose clock runs ahead cannot close them for
+the rest of the fleet. A device that stops reporting stops holding them back after
+``idle_flush_s``. The only wall-clock input is that idleness: when no report of a spec arrived
+for ``idle_flush_s`` at all, its watermark moves to the end of its latest window, so the last
+windows of a replay or of a quiet fleet are evaluated too. A report for a window already
+evaluated still counts in ``fleetwatch health`` but not in alerts.
 
 After each window, the engine's snapshot and the window's transitions are stored in one
 transaction, then the firing / resolved transitions are handed to the notifier (which never
@@ -169,6 +173,8 @@ class AlertEvaluator:
         self._max_start: dict[str, int] = {}
         self._min_start: dict[str, int] = {}
         self._last_arrival: dict[str, float] = {}
+        # spec hash -> device -> (newest window start, monotonic arrival time)
+        self._devices: dict[str, dict[str, tuple[int, float]]] = {}
         self._new_hashes: set[str] = set()
         self._seen_hashes: set[str] = set()   # registered (to a target, or no rules apply)
         self._targets: dict[tuple[str, str], _Target] = {}
@@ -187,9 +193,13 @@ class AlertEvaluator:
 
     # -- the ingest side ------------------------------------------------------------------------
 
-    def on_accepted(self, spec_hash: str, window_start: int) -> None:
+    def on_accepted(self, spec_hash: str, window_start: int, device_id: str = "") -> None:
         """Called by the ingestor for every accepted report; cheap, never raises."""
         with self._lock:
+            if device_id:
+                devices = self._devices.setdefault(spec_hash, {})
+                newest = devices.get(device_id, (window_start, 0.0))[0]
+                devices[device_id] = (max(newest, window_start), self._clock())
             if window_start > self._max_start.get(spec_hash, window_start - 1):
                 self._max_start[spec_hash] = window_start
             if window_start < self._min_start.get(spec_hash, window_start + 1):
@@ -231,11 +241,31 @@ class AlertEvaluator:
             latest = max(self._max_start[h] for h in hashes)
             earliest = min(self._min_start[h] for h in hashes)
             idle = all(now - self._last_arrival[h] >= self.config.idle_flush_s for h in hashes)
+            active = self._active_newest(hashes, now)
         if idle:
             return latest + target.window_s, earliest
         lateness = (target.window_s if self.config.lateness_s is None
                     else self.config.lateness_s)
-        return int(latest - lateness), earliest
+        if active is None:  # no per-device view (just restarted): the newest window of all
+            return int(latest - lateness), earliest
+        return int(active + target.window_s - lateness), earliest
+
+    def _active_newest(self, hashes: Sequence[str], now: float) -> int | None:
+        """The oldest newest-window of the devices that reported within idle_flush_s (lock
+        held); devices quiet for an hour are forgotten (memory stays bounded by the fleet
+        that is alive)."""
+        oldest: int | None = None
+        for h in hashes:
+            devices = self._devices.get(h)
+            if not devices:
+                continue
+            stale = [d for d, (_, t) in devices.items() if now - t > 3600.0]
+            for d in stale:
+                del devices[d]
+            for newest, t in devices.values():
+                if now - t < self.config.idle_flush_s and (oldest is None or newest < oldest):
+                    oldest = newest
+        return oldest
 
     def _start(self, target: _Target, watermark: int, earliest: int) -> None:
         """Create the target's engine: restored from the database, or fresh."""

@@ -11,16 +11,24 @@ from agent.spec import Spec
 from agent.summary import Summary
 from agent.wire import ReportMeta
 
-__all__ = ["AlertRecord", "IngestOutcome", "LabelSet", "PrivacyStats", "Store",
+__all__ = ["REORDER_WINDOW", "AlertRecord", "IngestOutcome", "LabelSet", "PrivacyStats", "Store",
            "canonical_labels", "parse_labels", "rollup_resolutions", "time_cover"]
 
 DAY_S = 86400
 HOUR_S = 3600
 
 
+# Replay protection: a report whose seq is more than this far below its device's high-water
+# mark, and not stored, is taken for a replay (its raw copy may be gone with retention). Within
+# it, reports merge in any order: the spool sends oldest first but may skip a dead letter.
+REORDER_WINDOW = 10_000
+
+
 class IngestOutcome(enum.Enum):
     ACCEPTED = "accepted"
-    DUPLICATE = "duplicate"
+    DUPLICATE = "duplicate"   # (device_id, seq) already stored: acknowledged, not merged again
+    REPLAYED = "replayed"     # seq far below the device's high-water mark: acknowledged as a
+                              # duplicate (an honest spool lets go of it), never merged
 
 
 @dataclass(frozen=True)
@@ -125,11 +133,16 @@ class Store(Protocol):
 
     def ingest(self, meta: ReportMeta, envelope: bytes, summary: Summary,
                resolutions: tuple[int, ...]) -> IngestOutcome:
-        """Deduplicate on (device_id, seq), store the raw envelope and merge the summary into
-        every resolution's rollup, all in one transaction."""
+        """Deduplicate on (device_id, seq), refuse seqs below the device's high-water mark
+        minus REORDER_WINDOW (REPLAYED), store the raw envelope, merge the summary into every
+        resolution's rollup and raise the high-water mark, all in one transaction."""
         ...
 
     def label_sets(self, spec_hash: str) -> list[LabelSet]: ...
+
+    def model_label_sets(self, model: str) -> list[LabelSet]:
+        """Every label set stored for any version (spec) of a model: label cardinality."""
+        ...
 
     def merged_rollups(self, spec_hash: str, label_set_ids: Iterable[int],
                        cover: list[tuple[int, int, int]]) -> dict[int, Summary]:

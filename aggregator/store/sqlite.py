@@ -19,6 +19,7 @@ from agent.spec import Spec
 from agent.summary import Summary
 from agent.wire import ReportMeta, summary_from_proto, summary_to_proto
 from aggregator.store.base import (
+    REORDER_WINDOW,
     AlertRecord,
     IngestOutcome,
     LabelSet,
@@ -67,6 +68,11 @@ CREATE TABLE IF NOT EXISTS reports (
     PRIMARY KEY (device_id, seq)
 );
 CREATE INDEX IF NOT EXISTS reports_by_window ON reports (spec_hash, window_start, label_set);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    hwm_seq INTEGER NOT NULL,       -- the highest seq merged: replay protection
+    updated_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS rollups (
     spec_hash TEXT NOT NULL,
     resolution INTEGER NOT NULL,
@@ -104,14 +110,22 @@ CREATE TABLE IF NOT EXISTS alert_history (
 );
 CREATE INDEX IF NOT EXISTS alert_history_by_model ON alert_history (model, state, id);
 """
-# The alert tables were added without a schema version bump: CREATE IF NOT EXISTS adds them
-# to a database made by an earlier build, and nothing else changed.
+# The alert tables and `devices` were added without a schema version bump: CREATE IF NOT
+# EXISTS adds them to a database made by an earlier build, and nothing else changed (a device
+# with no `devices` row gets its mark from its stored reports, see `_high_water_mark`).
 
 
 class SqliteStore:
-    """`Store` on one SQLite file."""
+    """`Store` on one SQLite file.
 
-    def __init__(self, path: str | pathlib.Path) -> None:
+    ``reorder_window``: how far below a device's high-water mark a seq not seen before is
+    still merged (further below, it is a replay: `IngestOutcome.REPLAYED`)."""
+
+    def __init__(self, path: str | pathlib.Path, reorder_window: int = REORDER_WINDOW) -> None:
+        if not isinstance(reorder_window, int) or reorder_window < 0:
+            raise ValueError(f"reorder_window: must be a non-negative integer, got "
+                             f"{reorder_window!r}")
+        self.reorder_window = reorder_window
         self.path = pathlib.Path(path)
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,6 +219,10 @@ class SqliteStore:
                                (meta.device_id, meta.seq)).fetchone() is not None:
                     cur.execute("ROLLBACK")
                     return IngestOutcome.DUPLICATE
+                hwm = self._high_water_mark(cur, meta.device_id)
+                if hwm is not None and meta.seq < hwm - self.reorder_window:
+                    cur.execute("ROLLBACK")
+                    return IngestOutcome.REPLAYED
                 lid = self._label_set_id(cur, dict(meta.labels))
                 cur.execute(
                     "INSERT INTO reports (device_id, seq, spec_hash, label_set, "
@@ -231,12 +249,33 @@ class SqliteStore:
                         "label_set, summary) VALUES (?, ?, ?, ?, ?)",
                         (meta.spec_hash, res, bucket, lid,
                          summary_to_proto(merged).SerializeToString()))
+                cur.execute(
+                    "INSERT INTO devices (device_id, hwm_seq, updated_ms) VALUES (?, ?, ?) "
+                    "ON CONFLICT (device_id) DO UPDATE SET "
+                    "hwm_seq = MAX(hwm_seq, excluded.hwm_seq), updated_ms = excluded.updated_ms",
+                    (meta.device_id, meta.seq, int(time.time() * 1000)))
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
                 self._label_cache.clear()  # an interned id may have been rolled back
                 raise
         return IngestOutcome.ACCEPTED
+
+    @staticmethod
+    def _high_water_mark(cur: sqlite3.Cursor, device_id: str) -> int | None:
+        """The highest seq merged for the device (in the open transaction), None if none."""
+        row = cur.execute("SELECT hwm_seq FROM devices WHERE device_id = ?",
+                          (device_id,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        # No row: a new device, or a database from before the devices table.
+        row = cur.execute("SELECT MAX(seq) FROM reports WHERE device_id = ?",
+                          (device_id,)).fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def high_water_mark(self, device_id: str) -> int | None:
+        """The highest seq merged for the device, None if none (for tests and operators)."""
+        return self._high_water_mark(self._reader().cursor(), device_id)
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -245,6 +284,13 @@ class SqliteStore:
             "SELECT l.id, l.canonical FROM spec_label_sets s JOIN label_sets l "
             "ON l.id = s.label_set WHERE s.spec_hash = ? ORDER BY l.canonical",
             (spec_hash,)).fetchall()
+        return [LabelSet(lid, parse_labels(canonical)) for lid, canonical in rows]
+
+    def model_label_sets(self, model: str) -> list[LabelSet]:
+        rows = self._reader().execute(
+            "SELECT DISTINCT l.id, l.canonical FROM specs p JOIN spec_label_sets s "
+            "ON s.spec_hash = p.hash JOIN label_sets l ON l.id = s.label_set "
+            "WHERE p.model = ? ORDER BY l.canonical", (model,)).fetchall()
         return [LabelSet(lid, parse_labels(canonical)) for lid, canonical in rows]
 
     def merged_rollups(self, spec_hash: str, label_set_ids: Iterable[int],

@@ -93,7 +93,9 @@ def _reports(spool: Spool) -> list[pb.WindowReport]:
 
 def _validated(reports: list[pb.WindowReport], spec: Spec) -> list[Summary]:
     """Every report passes the aggregator's validation; their domain summaries."""
-    return [validate_report(r, spec, now=r.window_start_unix_s + 120)[1] for r in reports]
+    # The aggregator receives a report after its window and after the agent built it.
+    return [validate_report(r, spec, now=max(r.window_start_unix_s + 120,
+                                             r.created_unix_ms / 1000))[1] for r in reports]
 
 
 def _numeric_layout(values: np.ndarray, edges: tuple[float, ...]) -> np.ndarray:

@@ -22,7 +22,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
@@ -474,6 +474,8 @@ def test_laplace_scale_is_conservative(delta: int, eps: float) -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(d2=st.integers(1, 10_000), rho=st.floats(1e-6, 50.0))
+@example(d2=2104, rho=0.0002619212210302631)  # once a short fraction with a 4e9 numerator
+@example(d2=2105, rho=0.0002619212210302631)
 def test_gaussian_sigma2_is_conservative(d2: int, rho: float) -> None:
     sigma2 = gaussian_sigma2_for_zcdp(d2, rho)
     exact = Fraction(d2) / (2 * Fraction(rho))

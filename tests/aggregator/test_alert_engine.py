@@ -102,10 +102,11 @@ def test_long_breach_fires_once_stays_and_resolves_past_clear() -> None:
 
 def test_hysteresis_band_holds_state() -> None:
     engine = AlertEngine(load_rules(LATENCY))
-    # in the band while inactive: nothing; a breach into the band while pending: stays pending
+    # in the band while inactive: nothing; a pending alert needs an unbroken breach (`for`
+    # is continuous), so a window back in the band ends it
     found = feed(engine, "latency_p95_ms", {"eu": [190] * 10 + [210, 190, 195, 199, 201, 150]})
-    assert kinds(found) == [(10, "eu", "inactive", "pending"), (14, "eu", "pending", "firing"),
-                            (15, "eu", "firing", "resolved")]
+    assert kinds(found) == [(10, "eu", "inactive", "pending"), (11, "eu", "pending", "inactive"),
+                            (14, "eu", "inactive", "pending"), (15, "eu", "pending", "inactive")]
     # while firing, the band holds it firing for as long as it lasts
     engine = AlertEngine(load_rules(LATENCY))
     found = feed(engine, "latency_p95_ms", {"eu": [300] * 5 + [181] * 50 + [179]})

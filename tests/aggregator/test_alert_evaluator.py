@@ -135,11 +135,12 @@ def test_watermark_waits_for_one_window_of_lateness(fleet) -> None:
     f = fleet()
     for w in range(3):
         f.send(w, 20.0)
-    # newest start = window 2; lateness one window: windows ending <= start(2) - 60 = end(0)
-    assert f.drain() == 1
-    assert f.until() == end(0)
+    # the (only) device has delivered window 2; lateness one window: windows ending at or
+    # before end(2) - 60 = end(1) are closed
+    assert f.drain() == 2
+    assert f.until() == end(1)
     f.send(3, 20.0)
-    assert f.drain() == 1 and f.until() == end(1)
+    assert f.drain() == 1 and f.until() == end(2)
     assert f.drain() == 0   # evaluated once
 
 
@@ -148,12 +149,30 @@ def test_idle_flush_evaluates_the_last_windows_and_only_then(fleet) -> None:
     for w in range(4):
         f.send(w, 20.0)
     f.drain()
-    assert f.until() == end(1)
+    assert f.until() == end(2)
     f.clock.t += 29.0
     assert f.drain() == 0
     f.clock.t += 1.0          # 30 s of wall clock without a report
-    assert f.drain() == 2
+    assert f.drain() == 1
     assert f.until() == end(3)
+
+
+def test_the_slowest_active_device_holds_the_windows_open(fleet) -> None:
+    """Two devices: eu has delivered window 5, us only window 2; the windows after us's newest
+    stay open until us delivers them (or goes quiet for idle_flush_s)."""
+    f = fleet(idle_flush_s=30.0)
+    for w in range(6):
+        f.send(w, 20.0, region="eu")
+        if w <= 2:
+            f.send(w, 20.0, region="us")
+    f.drain()
+    assert f.until() == end(1)   # us's newest is window 2, one window of lateness
+    f.send(3, 20.0, region="us")
+    f.drain()
+    assert f.until() == end(2)
+    f.clock.t += 30.0            # nobody reported for 30 s: idle flush, eu's windows close
+    f.drain()
+    assert f.until() == end(5)
 
 
 def test_zero_lateness(fleet) -> None:
@@ -161,7 +180,7 @@ def test_zero_lateness(fleet) -> None:
     for w in range(3):
         f.send(w, 20.0)
     f.drain()
-    assert f.until() == end(1)   # windows ending at or before the newest start
+    assert f.until() == end(2)   # every window the device has delivered
 
 
 def test_breach_fires_once_after_for_and_resolves_below_clear(fleet) -> None:

@@ -271,13 +271,13 @@ def test_missing_side_is_nan_and_never_worse() -> None:
 
 
 def test_accuracy_is_compared_when_both_sides_have_labels() -> None:
-    # The label histograms may be absent (older specs): compare reads them with getattr.
     labels = SimpleNamespace(task="binary", classes=("neg", "pos"))
     spec = SimpleNamespace(labels=labels, features=(), prediction=None)
     rng = np.random.default_rng(13)
     b, c = summary(rng, 4000), summary(rng, 4000)
     b.confusion = np.array([[450, 50, 0], [50, 450, 0], [0, 0, 0]])   # accuracy 0.90
     c.confusion = np.array([[400, 100, 0], [100, 400, 0], [0, 0, 0]])  # accuracy 0.80
+    b.label_histogram_count = c.label_histogram_count = 1000  # the exact label counts
     cohorts, tests, _ = compare_cohorts(spec, spec, [CohortData({}, b, c)])  # type: ignore[arg-type]
     acc = next(m for m in cohorts[0].metrics if m.metric == "accuracy")
     assert tests == 5

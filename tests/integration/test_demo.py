@@ -302,5 +302,7 @@ def test_label_slis_equal_the_truth_within_the_privacy_noise(
         assert h.availability == 1.0 and h.devices_last_day == h.devices == truth.devices
     drifted = [h for h in result.cohorts
                if _pairs(h.cohort) == _pairs(result.config.drift.selector)]  # type: ignore[union-attr]
+    # Over the 30 minutes the drifted cohort's labels are ~80 % drifted (accuracy ~0.62
+    # against ~0.78 clean); each accuracy has a noise sd of ~0.012 here.
     clean = [h.accuracy for h in _clean(result)]
-    assert drifted[0].accuracy < min(clean) - 0.1
+    assert drifted[0].accuracy < min(clean) - 0.08, (drifted[0].accuracy, clean)
