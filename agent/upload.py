@@ -25,8 +25,18 @@ logger = logging.getLogger(__name__)
 
 REPORT_METHOD = "/fleetwatch.v1.Ingest/Report"
 
-# Refusals that no retry can fix: the report itself is malformed.
+# Refusals that no retry can fix: the report itself is malformed (or too large).
 _PERMANENT = {grpc.StatusCode.INVALID_ARGUMENT}
+# gRPC's own size limit answers RESOURCE_EXHAUSTED, like overload; only its text tells them
+# apart. A report over it will never get through: retrying would block the spool behind it.
+_TOO_LARGE = "larger than max"
+
+
+def is_permanent(code: grpc.StatusCode | None, detail: str | None) -> bool:
+    """Whether a refusal is final for this report (dead-letter it) rather than for now."""
+    if code in _PERMANENT:
+        return True
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE in (detail or "")
 
 
 class DeliveryResult(enum.Enum):
@@ -90,7 +100,7 @@ class Uploader:
                 except grpc.RpcError as e:
                     code = e.code() if hasattr(e, "code") else None
                     detail = e.details() if hasattr(e, "details") else str(e)
-                    if code in _PERMANENT:
+                    if is_permanent(code, detail):
                         self.refused += 1
                         logger.error("aggregator refused report seq=%d for good (%s): %s; "
                                      "kept in the dead-letter table", item.seq, code, detail)

@@ -79,7 +79,9 @@ class IngestService:
     def Report(self, request: bytes, context: grpc.ServicerContext) -> pb.ReportResponse:
         if self.max_message_bytes is not None and len(request) > self.max_message_bytes:
             self.ingestor.count_rejected("oversize")
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+            # Final, not RESOURCE_EXHAUSTED (which tells a device to retry, as for overload):
+            # the same bytes will never fit, and retrying would block the device's spool.
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"envelope: {len(request)} bytes, above the limit of "
                           f"{self.max_message_bytes}")
         left = context.time_remaining()

@@ -25,6 +25,7 @@ from datasketches import kll_floats_sketch
 
 from agent.spec import MULTICLASS, NUMERIC, FeatureSpec, LabelSpec, Spec
 from agent.summary import Summary
+from agent.upload import is_permanent
 from agent.wire import ReportMeta, report_to_proto, spec_to_proto
 from aggregator.cli import main
 from aggregator.server import AggregatorConfig, RunningAggregator, serve
@@ -134,12 +135,17 @@ def test_oversize_reports_are_refused_and_counted(start_aggregator, tmp_path: Pa
         assert (64 << 10) < len(just_over) < receive_limit
         with pytest.raises(grpc.RpcError) as info:
             send(just_over, timeout=10)
-        assert info.value.code() == Status.RESOURCE_EXHAUSTED
+        # final (the device dead-letters it and its spool moves on), not "retry later"
+        assert info.value.code() == Status.INVALID_ARGUMENT
         assert "above the limit of 65536" in info.value.details()
-        # Absurd sizes are cut by gRPC before any of our code runs: refused, not counted.
+        assert is_permanent(info.value.code(), info.value.details())
+        # Absurd sizes are cut by gRPC before any of our code runs: refused, not counted;
+        # the agent's uploader still reads that refusal as final.
         with pytest.raises(grpc.RpcError) as info:
             send(envelope(spec, 3, window_base, pad_key_id=1 << 20), timeout=10)
         assert info.value.code() == Status.RESOURCE_EXHAUSTED
+        assert is_permanent(info.value.code(), info.value.details())
+        assert not is_permanent(Status.RESOURCE_EXHAUSTED, "too many concurrent RPCs")
         got = stats(agg.target)
         assert (got.accepted, dict(got.rejected)) == (1, {"oversize": 1})
     assert stored(tmp_path / "agg.sqlite") == [("dev-1", 1)]
