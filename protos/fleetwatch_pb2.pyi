@@ -819,3 +819,72 @@ class CompareResponse(_message.Message):
     end_unix_s: int
     corrected_alpha: float
     def __init__(self, cohorts: _Optional[_Iterable[_Union[CohortComparison, _Mapping]]] = ..., baseline_spec_hash: _Optional[str] = ..., candidate_spec_hash: _Optional[str] = ..., start_unix_s: _Optional[int] = ..., end_unix_s: _Optional[int] = ..., corrected_alpha: _Optional[float] = ...) -> None: ...
+
+class ExplainRequest(_message.Message):
+    __slots__ = ("model", "model_version", "selector", "metric", "start_unix_s", "end_unix_s", "keys", "limit")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    selector: _containers.ScalarMap[str, str]
+    metric: str
+    start_unix_s: int
+    end_unix_s: int
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    limit: int
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., metric: _Optional[str] = ..., start_unix_s: _Optional[int] = ..., end_unix_s: _Optional[int] = ..., keys: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class CohortContribution(_message.Message):
+    __slots__ = ("key", "value", "cohort_value", "fleet_without", "event_share", "contribution", "contribution_share", "events")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    COHORT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    FLEET_WITHOUT_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SHARE_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_SHARE_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    value: str
+    cohort_value: float
+    fleet_without: float
+    event_share: float
+    contribution: float
+    contribution_share: float
+    events: int
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ..., cohort_value: _Optional[float] = ..., fleet_without: _Optional[float] = ..., event_share: _Optional[float] = ..., contribution: _Optional[float] = ..., contribution_share: _Optional[float] = ..., events: _Optional[int] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("metric", "model", "model_version", "start_unix_s", "end_unix_s", "fleet_value", "reference_value", "higher_is_worse", "contributions")
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    FLEET_VALUE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_VALUE_FIELD_NUMBER: _ClassVar[int]
+    HIGHER_IS_WORSE_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    metric: str
+    model: str
+    model_version: str
+    start_unix_s: int
+    end_unix_s: int
+    fleet_value: float
+    reference_value: float
+    higher_is_worse: bool
+    contributions: _containers.RepeatedCompositeFieldContainer[CohortContribution]
+    def __init__(self, metric: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., start_unix_s: _Optional[int] = ..., end_unix_s: _Optional[int] = ..., fleet_value: _Optional[float] = ..., reference_value: _Optional[float] = ..., higher_is_worse: _Optional[bool] = ..., contributions: _Optional[_Iterable[_Union[CohortContribution, _Mapping]]] = ...) -> None: ...

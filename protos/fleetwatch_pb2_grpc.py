@@ -339,6 +339,11 @@ class QueryStub:
                 request_serializer=protos_dot_fleetwatch__pb2.CompareRequest.SerializeToString,
                 response_deserializer=protos_dot_fleetwatch__pb2.CompareResponse.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/fleetwatch.v1.Query/Explain',
+                request_serializer=protos_dot_fleetwatch__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=protos_dot_fleetwatch__pb2.ExplainResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServicer:
@@ -378,6 +383,13 @@ class QueryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """Which cohorts (along each label key) a fleet-level regression comes from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -405,6 +417,11 @@ def add_QueryServicer_to_server(servicer, server):
                     servicer.CompareVersions,
                     request_deserializer=protos_dot_fleetwatch__pb2.CompareRequest.FromString,
                     response_serializer=protos_dot_fleetwatch__pb2.CompareResponse.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=protos_dot_fleetwatch__pb2.ExplainRequest.FromString,
+                    response_serializer=protos_dot_fleetwatch__pb2.ExplainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -543,6 +560,33 @@ class Query:
             '/fleetwatch.v1.Query/CompareVersions',
             protos_dot_fleetwatch__pb2.CompareRequest.SerializeToString,
             protos_dot_fleetwatch__pb2.CompareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetwatch.v1.Query/Explain',
+            protos_dot_fleetwatch__pb2.ExplainRequest.SerializeToString,
+            protos_dot_fleetwatch__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,
