@@ -3,6 +3,7 @@
 from agent.errors import ConfigError, FleetwatchError, SpecError, ValidationError
 from agent.monitor import Monitor, MonitorStats
 from agent.spec import FeatureSpec, LabelSpec, Spec
+from agent.transport import TlsCredentials
 
 __all__ = [
     "ConfigError",
@@ -13,5 +14,6 @@ __all__ = [
     "MonitorStats",
     "Spec",
     "SpecError",
+    "TlsCredentials",
     "ValidationError",
 ]

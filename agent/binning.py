@@ -39,6 +39,13 @@ class NumericBinner:
         self.length = feature.histogram_length
         self.missing = self.length - 1
 
+    @property
+    def edges(self) -> list[float]:
+        """The edges, for callers that inline `index` for values in an interior bin (the
+        accumulator's per-event loop): there, index(x) == bisect_right(edges, x) whenever
+        that is strictly between 0 and len(edges). Do not modify."""
+        return self._edges
+
     def index(self, value: Any) -> tuple[int, bool]:
         """Bin index of one value and whether the value was invalid."""
         t = type(value)

@@ -30,11 +30,10 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.errors import ConfigError, SpecError
 from agent.noise import RandomSource, SecureRandom
@@ -45,7 +44,6 @@ from agent.privacy import (
     noise_plan,
     noise_summary,
 )
-from agent.signing import ReportSigner
 from agent.spec import DEVICE_DAY, Spec
 from agent.spool import Spool, SpoolStats
 from agent.summary import Summary
@@ -54,6 +52,11 @@ from agent.upload import Backoff, DeliveryResult, Uploader
 from agent.window import CacheEntry, LabelBinner, WindowAccumulator, window_start
 from agent.wire import ReportMeta, report_to_proto, spec_from_proto
 from protos import fleetwatch_pb2 as pb
+
+if TYPE_CHECKING:  # cryptography is imported when a signing key is given (see __init__)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent.signing import ReportSigner
 
 __all__ = ["Monitor", "MonitorStats"]
 
@@ -217,10 +220,17 @@ class Monitor:
         self.labels = _check_labels(labels or {})
         # Loaded before anything is opened, so a bad key file fails the constructor cleanly.
         self._signer: ReportSigner | None = None
-        if isinstance(signing_key, Ed25519PrivateKey):
-            self._signer = ReportSigner.from_key(signing_key, device_id)
-        elif signing_key is not None:
-            self._signer = ReportSigner.from_pem_file(signing_key, device_id)
+        if signing_key is not None:
+            # Imported here: cryptography adds ~8 MB to the agent's RSS (docs/performance.md),
+            # a cost only devices that sign should pay.
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+            from agent.signing import ReportSigner
+
+            if isinstance(signing_key, Ed25519PrivateKey):
+                self._signer = ReportSigner.from_key(signing_key, device_id)
+            else:
+                self._signer = ReportSigner.from_pem_file(signing_key, device_id)
         self.clock = clock or time.time
         self.grace_s = grace_s
         self._tick_s = tick_s
@@ -242,10 +252,15 @@ class Monitor:
 
         # Noise comes from the OS's secure source; a seeded source is for tests only.
         self._noise_rng: RandomSource | None = noise_rng  # None: SecureRandom, on first use
-        self._clamp_rng = np.random.default_rng(secrets.randbits(128))
+        # Made when a device-day clamp first needs it: numpy.random adds ~3 MB of RSS
+        # (docs/performance.md), which the default per-event unit never uses.
+        self._clamp_rng: np.random.Generator | None = None
 
         self._lock = threading.Lock()
         self._open: dict[int, WindowAccumulator] = {}
+        # The open window the last event went to: most events go to the same one, so the hot
+        # path checks it before computing a window start (reset when it closes).
+        self._current: WindowAccumulator | None = None
         self._closed: collections.deque[WindowAccumulator] = collections.deque()
         self._events = 0
         self._events_without_spec = 0
@@ -525,18 +540,23 @@ class Monitor:
 
     def _window_for(self, t: float, n: int = 1) -> tuple[WindowAccumulator | None, bool]:
         spec = self.spec
+        acc = self._current
+        if acc is not None and acc.start_unix_s <= t < acc.end_unix_s and acc.spec is spec:
+            return acc, False
         if spec is None:
             self._events_without_spec += n
             return None, False
         ws = window_start(t, spec.window_length_s)
         acc = self._open.get(ws)
         if acc is not None:
+            self._current = acc
             return acc, False
         if self._open and ws < max(self._open):
             # Its window already closed: count the event in the newest window, as late.
             return self._open[max(self._open)], True
         acc = WindowAccumulator(spec, ws)
         self._open[ws] = acc
+        self._current = acc
         self._close_expired(t)
         return acc, False
 
@@ -555,6 +575,8 @@ class Monitor:
         """Queue an open window's report, after heartbeats for the idle windows before it."""
         self._cover_until(acc.start_unix_s)
         del self._open[acc.start_unix_s]
+        if self._current is acc:
+            self._current = None
         self._closed.append(acc)
         if self._next_cover is not None:
             self._next_cover = max(self._next_cover, acc.end_unix_s)
@@ -645,6 +667,8 @@ class Monitor:
         self._unknown_kept += summary.unknown_feature_count
         summary.invalid_value_count = summary.unknown_feature_count = 0
         if acc.spec.privacy.unit == DEVICE_DAY:
+            if self._clamp_rng is None:
+                self._clamp_rng = np.random.default_rng(secrets.randbits(128))
             clamp_summary(summary, acc.spec.privacy.max_events_per_window, self._clamp_rng)
         release = PrivacyAccountant(self.spool, acc.spec, plan).reserve(acc.start_unix_s)
         if release.allowed:

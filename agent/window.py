@@ -158,6 +158,14 @@ class WindowAccumulator:
         self.end_unix_s = start_unix_s + spec.window_length_s
         self._binners = [(f.name, make_binner(f)) for f in spec.features]
         self._counts = {f.name: [0] * f.histogram_length for f in spec.features}
+        # The per-event loop's view of the same binners and counts: numeric features carry
+        # their edges, so that a float or int in an interior bin costs one bisect and no call
+        # (see `observe`).
+        self._numeric_plan = [
+            (name, binner, self._counts[name], binner.edges, len(binner.edges))
+            for name, binner in self._binners if isinstance(binner, NumericBinner)]
+        self._other_plan = [(name, binner, self._counts[name]) for name, binner in self._binners
+                            if not isinstance(binner, NumericBinner)]
         self._batch_counts = {f.name: np.zeros(f.histogram_length, np.int64)
                               for f in spec.features}
         self._pred_binner = make_binner(spec.prediction) if spec.prediction else None
@@ -184,18 +192,45 @@ class WindowAccumulator:
 
     def observe(self, features: Mapping[str, Any], prediction: Any, latency_ms: float | None,
                 error: bool, late: bool = False) -> None:
-        found = 0
-        get = features.get
-        for name, binner in self._binners:
-            v = get(name, _ABSENT)
-            if v is _ABSENT:
-                self._counts[name][binner.missing] += 1
+        if type(features) is not dict:
+            # The loop subscripts: a plain dict's [] never inserts nor calls user code (a
+            # defaultdict's would add the absent features).
+            features = dict(features)
+        absent = 0  # counted on the rare path; found = features looked up - absent
+        bisect = bisect_right
+        for name, binner, counts, edges, n_edges in self._numeric_plan:
+            try:
+                v = features[name]  # not .get(): cheaper than a method call
+            except KeyError:
+                counts[binner.missing] += 1
+                absent += 1
                 continue
-            found += 1
+            t = type(v)
+            if t is float or t is int:
+                # NumericBinner.index inlined for the common case, an interior bin. What lands
+                # in bin 0 or n_edges takes the general path: underflow and overflow, but also
+                # the last edge itself (closed on the right), NaN (bisect puts it past the end)
+                # and the infinities (invalid).
+                i = bisect(edges, v)
+                if 0 < i < n_edges:
+                    counts[i] += 1
+                    continue
             i, bad = binner.index(v)
-            self._counts[name][i] += 1
+            counts[i] += 1
             if bad:
                 self.invalid += 1
+        for name, binner, counts in self._other_plan:
+            try:
+                v = features[name]
+            except KeyError:
+                counts[binner.missing] += 1
+                absent += 1
+                continue
+            i, bad = binner.index(v)
+            counts[i] += 1
+            if bad:
+                self.invalid += 1
+        found = len(self._binners) - absent
         if len(features) > found:
             self.unknown += len(features) - found
         if self._pred_binner is not None:
@@ -203,7 +238,8 @@ class WindowAccumulator:
             self._pred_counts[i] += 1
             if bad:
                 self.invalid += 1
-        self._add_latency(latency_ms)
+        if latency_ms is not None:
+            self._add_latency(latency_ms)
         self.events += 1
         if error:
             self.errors += 1

@@ -31,6 +31,8 @@ from aggregator.render import (
     compare_json,
     compare_tables,
     compare_tests,
+    explain_json,
+    explain_table,
     fairness_json,
     fairness_table,
     health_json,
@@ -64,8 +66,15 @@ workflows:
                     fleetwatch privacy --aggregator 127.0.0.1:7070 --model M --by region
   alert             fleetwatch serve --db fleet.db --rules alerts.toml --webhook URL
                     fleetwatch alerts --aggregator 127.0.0.1:7070 --state firing
-  gate a rollout    fleetwatch compare --aggregator 127.0.0.1:7070 --model M --baseline 1 \
+  gate a rollout    fleetwatch compare --aggregator 127.0.0.1:7070 --model M --baseline 1 \\
                         --candidate 2 --by region --fail-on latency_p95_ms,error_rate
+  find the cause    fleetwatch explain --aggregator 127.0.0.1:7070 --model M \\
+                        --metric latency_p95_ms   (or psi:FEATURE, error_rate, accuracy, ...)
+  watch it          fleetwatch serve --db fleet.db --http 127.0.0.1:8080
+                        (dashboard at http://127.0.0.1:8080/, Prometheus at /metrics)
+  the server itself fleetwatch stats --aggregator 127.0.0.1:7070
+  output            every query takes --json; tables are colored on a terminal only
+                    (NO_COLOR=1 turns color off)
 
 Run `fleetwatch COMMAND --help` for the options of each command.
 """
@@ -150,9 +159,21 @@ def _rpc(what: str, call: Callable[[], object], target: str) -> object:
         code = e.code()
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             raise FleetwatchError(f"{what}: cannot reach an aggregator at {target} "
-                                  f"({e.details()}); is `fleetwatch serve` running there?"
-                                  ) from None
-        raise FleetwatchError(f"{what}: {code.name}: {e.details()}") from None
+                                  f"({e.details()}); is `fleetwatch serve` running there? "
+                                  "(one started with --tls-dir needs --cacert, --cert and "
+                                  "--key)") from None
+        hint = _STATUS_HINTS.get(code, "")
+        raise FleetwatchError(f"{what}: {code.name}: {e.details()}{hint}") from None
+
+
+# What to do about a refusal, when the server's message may not say it.
+_STATUS_HINTS = {
+    grpc.StatusCode.UNAUTHENTICATED: " (give an operator certificate: --cacert, --cert, --key; "
+    "make one with `fleetwatch certs issue-operator`)",
+    grpc.StatusCode.PERMISSION_DENIED: " (operators need a certificate from `fleetwatch certs "
+    "issue-operator`; device certificates may only report)",
+    grpc.StatusCode.UNIMPLEMENTED: " (the aggregator is older than this CLI: upgrade it)",
+}
 
 
 def _plural(n: int, what: str) -> str:
@@ -171,7 +192,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                           else None),
         alert_idle_flush_s=parse_duration(ns.alert_idle_flush), tls_dir=ns.tls_dir,
         # Report signatures use the same DIR (devices/<ID>.sign.pub), required unless overridden.
-        signing_keys_dir=ns.tls_dir, require_signatures=ns.require_signatures)
+        signing_keys_dir=ns.tls_dir, require_signatures=ns.require_signatures,
+        http_listen=ns.http, metrics_groupings=_metrics_groupings(ns.metrics_by),
+        metrics_range_s=parse_duration(ns.metrics_range),
+        metrics_max_cohorts=ns.metrics_max_cohorts)
     stop = threading.Event()
     with serve(config) as running:  # a bad rule file raises here: exit code 2
         previous = {sig: signal.signal(sig, lambda *_: stop.set())
@@ -188,6 +212,11 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             print(f"alerting: {_plural(len(r.rules), 'threshold rule')} and "
                   f"{_plural(len(r.slos), 'SLO')} from {ns.rules}; notifying {sinks}",
                   flush=True)
+        if running.http_port is not None:
+            scheme = "https" if ns.tls_dir else "http"
+            base = f"{scheme}://{ns.http.rsplit(':', 1)[0]}:{running.http_port}"
+            print(f"dashboard at {base}/, Prometheus metrics at {base}/metrics"
+                  + (" (operator certificates only)" if ns.tls_dir else ""), flush=True)
         try:
             stop.wait()
         finally:
@@ -195,6 +224,16 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                 signal.signal(sig, handler)
         print("stopping", flush=True)
     return 0
+
+
+def _metrics_groupings(values: list[str] | None) -> tuple[tuple[str, ...], ...]:
+    from aggregator.metrics import parse_groupings
+
+    for v in values or ():
+        if "=" in v:
+            raise UsageError(f"--metrics-by: {v!r} names label keys (e.g. region,hw), not "
+                             "values")
+    return parse_groupings(values or ())
 
 
 def cmd_alerts(ns: argparse.Namespace) -> int:
@@ -374,6 +413,30 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(ns: argparse.Namespace) -> int:
+    metric = ns.metric.strip()
+    if not metric:
+        raise UsageError("--metric: name the regression to explain, e.g. latency_p95_ms, "
+                         "error_rate, accuracy, psi:FEATURE or psi:prediction")
+    if ns.limit < 0:
+        raise UsageError(f"--limit: must be >= 0, got {ns.limit}")
+    end = _parse_time(ns.until) if ns.until else int(time.time())
+    start = end - int(parse_duration(ns.since))
+    keys = [k.strip() for value in (ns.by or []) for k in value.split(",") if k.strip()]
+    request = pb.ExplainRequest(model=ns.model, model_version=ns.model_version or "",
+                                selector=_selector(ns.cohort), metric=metric,
+                                start_unix_s=start, end_unix_s=end, keys=keys, limit=ns.limit)
+    with _channel(ns) as channel:
+        stub = pb_grpc.QueryStub(channel)
+        resp: pb.ExplainResponse = _rpc(  # type: ignore[assignment]
+            "explain", lambda: stub.Explain(request, timeout=ns.timeout), ns.aggregator)
+    if ns.json:
+        print(json.dumps(explain_json(resp), indent=2))
+    else:
+        print(explain_table(resp, color=use_color()))
+    return 0
+
+
 def cmd_baseline_build(ns: argparse.Namespace) -> int:
     from aggregator.baseline import BaselineOptions, build_spec_from_csv
 
@@ -403,13 +466,36 @@ def cmd_spec_push(ns: argparse.Namespace) -> int:
         stub = pb_grpc.AdminStub(channel)
         resp = _rpc("spec push", lambda: stub.PushSpec(spec_to_proto(spec), timeout=ns.timeout),
                     ns.aggregator)
+    if ns.json:
+        print(json.dumps({"hash": spec.hash, "model": spec.model,
+                          "model_version": spec.model_version,
+                          "created": resp.created}, indent=2))  # type: ignore[attr-defined]
+        return 0
     state = "registered" if resp.created else "was already registered"  # type: ignore[attr-defined]
     print(f"spec {spec.hash[:16]} for {spec.model}/{spec.model_version} {state}")
     return 0
 
 
+def _feature_json(f: object) -> dict[str, object]:
+    return {"name": f.name, "type": f.type,  # type: ignore[attr-defined]
+            "edges": list(f.edges), "vocabulary": list(f.vocabulary)}  # type: ignore[attr-defined]
+
+
 def cmd_spec_show(ns: argparse.Namespace) -> int:
     spec = Spec.load(ns.spec)
+    if ns.json:
+        pv = spec.privacy
+        print(json.dumps({
+            "model": spec.model, "model_version": spec.model_version, "hash": spec.hash,
+            "window_length_s": spec.window_length_s, "reference_rows": spec.reference_rows,
+            "privacy": {"mechanism": pv.mechanism, "unit": pv.unit, "noisy": pv.noisy,
+                        "epsilon_per_window": pv.epsilon_per_window, "delta": pv.delta,
+                        "daily_epsilon_budget": pv.daily_epsilon_budget,
+                        "max_events_per_window": pv.max_events_per_window},
+            "features": [_feature_json(f) for f in spec.features],
+            "prediction": _feature_json(spec.prediction) if spec.prediction else None,
+            "labels": spec.labels.task if spec.labels is not None else None}, indent=2))
+        return 0
     print(f"model {spec.model} version {spec.model_version}, window {spec.window_length_s} s, "
           f"{spec.reference_rows} reference rows, hash {spec.hash}")
     pv = spec.privacy
@@ -429,7 +515,13 @@ def cmd_spec_show(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _print_issued(issued: object, what: str) -> None:
+def _print_issued(issued: object, what: str, as_json: bool = False) -> None:
+    if as_json:
+        print(json.dumps({"what": what, "paths": [str(p) for p in issued.paths],  # type: ignore[attr-defined]
+                          "serial": issued.serial_hex,  # type: ignore[attr-defined]
+                          "not_after": issued.not_after.isoformat()},  # type: ignore[attr-defined]
+                         indent=2))
+        return
     for path in issued.paths:  # type: ignore[attr-defined]
         print(f"wrote {path}")
     print(f"{what}: serial {issued.serial_hex}, valid until "  # type: ignore[attr-defined]
@@ -441,8 +533,9 @@ def cmd_certs_init(ns: argparse.Namespace) -> int:
 
     issued = init_ca(ns.dir, tuple(ns.hostname or ()), days=ns.days,
                      server_days=ns.server_days, force=ns.force)
-    _print_issued(issued, "CA")
-    print("keep ca.key offline; serve with: fleetwatch serve --tls-dir " + ns.dir)
+    _print_issued(issued, "CA", ns.json)
+    if not ns.json:
+        print("keep ca.key offline; serve with: fleetwatch serve --tls-dir " + ns.dir)
     return 0
 
 
@@ -450,7 +543,7 @@ def cmd_certs_issue_server(ns: argparse.Namespace) -> int:
     from aggregator.certs import issue_server
 
     issued = issue_server(ns.dir, tuple(ns.hostname or ()), days=ns.days, force=ns.force)
-    _print_issued(issued, "server certificate (restart `fleetwatch serve` to use it)")
+    _print_issued(issued, "server certificate (restart `fleetwatch serve` to use it)", ns.json)
     return 0
 
 
@@ -458,7 +551,7 @@ def cmd_certs_issue_device(ns: argparse.Namespace) -> int:
     from aggregator.certs import issue_device, spiffe_id
 
     issued = issue_device(ns.dir, ns.device_id, days=ns.days, force=ns.force)
-    _print_issued(issued, spiffe_id("device", ns.device_id))
+    _print_issued(issued, spiffe_id("device", ns.device_id), ns.json)
     return 0
 
 
@@ -466,7 +559,7 @@ def cmd_certs_issue_operator(ns: argparse.Namespace) -> int:
     from aggregator.certs import issue_operator, spiffe_id
 
     issued = issue_operator(ns.dir, ns.name, days=ns.days, force=ns.force)
-    _print_issued(issued, spiffe_id("operator", ns.name))
+    _print_issued(issued, spiffe_id("operator", ns.name), ns.json)
     return 0
 
 
@@ -509,11 +602,11 @@ def _client_args(p: argparse.ArgumentParser, model: bool = True) -> None:
     g.add_argument("--key", metavar="FILE", help="its private key (operators/NAME.key)")
 
 
-def _cohort_args(p: argparse.ArgumentParser, since: str, json_help: str) -> None:
+def _cohort_args(p: argparse.ArgumentParser, since: str, json_help: str,
+                 by_help: str = "group by these label keys (repeat or comma-separate)") -> None:
     """Selector, grouping, time range and --json: the options of every per-cohort query."""
     p.add_argument("--cohort", metavar="K=V,...", help="label selector, e.g. region=eu,hw=jetson")
-    p.add_argument("--by", action="append", metavar="KEY",
-                   help="group by these label keys (repeat or comma-separate)")
+    p.add_argument("--by", action="append", metavar="KEY", help=by_help)
     p.add_argument("--since", default=since, metavar="DUR",
                    help="look back this long from --until (default: %(default)s)")
     p.add_argument("--until", default=None, metavar="TIME",
@@ -575,6 +668,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alert-idle-flush", metavar="DUR", default="30s",
                    help="after this long (wall clock) without reports, evaluate the last "
                    "windows too (default: %(default)s)")
+    g = p.add_argument_group("HTTP: Prometheus /metrics, JSON API, dashboard (docs/metrics.md)")
+    g.add_argument("--http", metavar="HOST:PORT", default=None,
+                   help="serve HTTP here (port 0 picks one); loopback only without "
+                   "--tls-dir, HTTPS for operator certificates with it")
+    g.add_argument("--metrics-by", action="append", metavar="KEY,...",
+                   help="a grouping of the per-cohort metrics, e.g. region,hw (repeatable; "
+                   "'fleet' is the whole fleet; default: the fleet and each label key alone)")
+    g.add_argument("--metrics-range", metavar="DUR", default="5m",
+                   help="trailing range the per-cohort metrics cover (default: %(default)s)")
+    g.add_argument("--metrics-max-cohorts", type=int, default=100, metavar="N",
+                   help="at most N cohorts per scrape, the worst kept; the rest are counted "
+                   "in fleetwatch_metrics_cohorts_dropped (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("alerts", help="alerts and SLO error budgets of a running aggregator",
@@ -650,6 +755,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser(
+        "explain", help="root cause: which cohorts a fleet-level regression comes from",
+        description="For a fleet-level regression of --metric, rank the cohorts along each "
+        "label key by their contribution: the fleet's value minus its value without the "
+        "cohort (leave-one-out over merged summaries), positive when removing the cohort "
+        "makes the fleet better; with each cohort's own value, its share of the events and "
+        "its share of the fleet's regression against the reference (the spec's reference "
+        "latency; 0 for error rates and PSI). Ends with a one-line verdict.")
+    _client_args(p)
+    p.add_argument("--metric", required=True, metavar="METRIC",
+                   help="what regressed: latency_p50_ms, latency_p95_ms, latency_p99_ms, "
+                   "error_rate, availability, accuracy, precision, recall, f1, brier, ece, "
+                   "mae, rmse, label_latency_p50_s, label_latency_p95_s, psi:FEATURE, "
+                   "psi:prediction")
+    _cohort_args(p, "1h", "print a JSON object {metric, fleet_value, reference_value, "
+                 "verdict, contributions: [...]}",
+                 by_help="rank the cohorts along these label keys (repeat or comma-separate; "
+                 "default: every key the selection's devices have)")
+    p.add_argument("--limit", type=int, default=10, metavar="N",
+                   help="at most N cohorts per key (default: %(default)s)")
+    p.set_defaults(func=cmd_explain)
+
     p = sub.add_parser("baseline", help="build a spec from reference data")
     bsub = p.add_subparsers(dest="baseline_command", metavar="ACTION", required=True)
     b = bsub.add_parser("build", help="sketch a CSV into bins, vocabularies and references",
@@ -694,9 +821,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = ssub.add_parser("push", help="register a spec with an aggregator")
     _client_args(s, model=False)
     s.add_argument("spec", help="spec JSON file")
+    s.add_argument("--json", action="store_true",
+                   help="print {hash, model, model_version, created}")
     s.set_defaults(func=cmd_spec_push)
     s = ssub.add_parser("show", help="summarize a spec file")
     s.add_argument("spec", help="spec JSON file")
+    s.add_argument("--json", action="store_true",
+                   help="print {model, model_version, hash, window_length_s, privacy, "
+                   "features, prediction, labels}")
     s.set_defaults(func=cmd_spec_show)
 
     p = sub.add_parser("certs", help="make the CA and mutual-TLS certificates",
@@ -712,6 +844,8 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--days", type=int, default=days,
                        help="validity in days (default: %(default)s)")
         c.add_argument("--force", action="store_true", help="replace existing files")
+        c.add_argument("--json", action="store_true",
+                       help="print {what, paths, serial, not_after}")
         return c
 
     c = certs_parser("init", "make ca.pem/ca.key and server.pem/server.key", 3650)

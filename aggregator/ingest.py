@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from google.protobuf.message import DecodeError
 from agent.errors import ConfigError, SketchError, ValidationError
 from agent.spec import Spec
 from aggregator.keys import DeviceKeys
-from aggregator.store.base import IngestOutcome, Store, rollup_resolutions
+from aggregator.store.base import IngestOutcome, Store, canonical_labels, rollup_resolutions
 from aggregator.validate import ClockSkewError, Limits, validate_report
 from protos import fleetwatch_pb2 as pb
 
@@ -29,6 +30,8 @@ __all__ = ["IdentityMismatch", "IngestRejected", "IngestStats", "Ingestor", "Res
            "Unauthenticated", "UnknownSpec"]
 
 logger = logging.getLogger(__name__)
+
+RECEIVED_HOURS = 25  # hourly byte counts kept: a trailing day plus the hour in progress
 
 
 class IngestRejected(ValidationError):
@@ -105,6 +108,11 @@ class Ingestor:
         # first report (so it survives restarts) and grown only after a commit.
         self._label_values: dict[str, dict[str, set[str]]] = {}
         self._labels_lock = threading.Lock()  # held from the check to the commit of a new value
+        # The telemetry's own cost (aggregator.metrics): envelope bytes accepted per (spec hash,
+        # canonical label set), per wall-clock hour of arrival, for the last RECEIVED_HOURS.
+        # Bounded by label sets x hours; the counters since start are kept apart.
+        self._bytes_total: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._bytes_hourly: dict[int, collections.Counter[tuple[str, str]]] = {}
 
     def _spec(self, spec_hash: str) -> Spec | None:
         spec = self._specs.get(spec_hash)
@@ -152,6 +160,31 @@ class Ingestor:
     def stats(self) -> IngestStats:
         with self._lock:
             return IngestStats(self.accepted, self.duplicates, dict(self.rejected))
+
+    def received_bytes(self, since_unix_s: float | None = None) -> dict[tuple[str, str], int]:
+        """Envelope bytes of accepted reports per (spec hash, canonical labels): since the
+        Ingestor started, or received since ``since_unix_s`` (hour granularity: the hour that
+        holds it counts whole; at most RECEIVED_HOURS back)."""
+        with self._lock:
+            if since_unix_s is None:
+                return dict(self._bytes_total)
+            first = int(since_unix_s // 3600)
+            out: collections.Counter[tuple[str, str]] = collections.Counter()
+            for hour, counts in self._bytes_hourly.items():
+                if hour >= first:
+                    out.update(counts)
+            return dict(out)
+
+    def _count_bytes(self, key: tuple[str, str], n: int) -> None:
+        """Hold ``_lock``."""
+        hour = int(time.time() // 3600)
+        self._bytes_total[key] += n
+        bucket = self._bytes_hourly.get(hour)
+        if bucket is None:
+            bucket = self._bytes_hourly[hour] = collections.Counter()
+            for old in [h for h in self._bytes_hourly if h <= hour - RECEIVED_HOURS]:
+                del self._bytes_hourly[old]
+        bucket[key] += n
 
     # -- label cardinality ---------------------------------------------------------------------
 
@@ -257,6 +290,8 @@ class Ingestor:
                 self.rejected["replayed"] += 1
             else:
                 self.accepted += 1
+                self._count_bytes((meta.spec_hash, canonical_labels(meta.labels)),
+                                  len(envelope_bytes))
         if outcome is IngestOutcome.ACCEPTED and self.on_accepted is not None:
             try:
                 self.on_accepted(meta.spec_hash, meta.window_start_unix_s, meta.device_id)

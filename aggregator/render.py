@@ -15,7 +15,8 @@ from protos import fleetwatch_pb2 as pb
 __all__ = ["COMPARE_TESTED", "PSI_MAJOR", "PSI_MODERATE", "SLOW_FACTOR", "cohort_label",
            "cohort_status", "compare_failures", "compare_json", "compare_tables",
            "compare_tests", "compare_verdict_line", "fairness_json", "fairness_table",
-           "health_json", "health_tables", "table", "use_color"]
+           "explain_json", "explain_table", "explain_verdict", "health_json", "health_tables",
+           "table", "use_color"]
 
 PSI_MODERATE = 0.1
 PSI_MAJOR = 0.25
@@ -557,3 +558,99 @@ def compare_tables(resp: pb.CompareResponse, *, baseline_version: str,
         line = f"{_RED if not line.startswith('PASS') else _GREEN}{line}{_RESET}"
     out.append("\n" + line)
     return "\n".join(out)
+
+
+# -- explain -----------------------------------------------------------------------------------
+
+EXPLAIN_SCHEMA_VERSION = 1
+# Below this share of the regression the top cohort is not called its source: the regression
+# is spread over the fleet (or is noise).
+EXPLAIN_STANDS_OUT = 0.25
+
+
+def _value_text(key: str, value: str) -> str:
+    return f"{key}={value or '(none)'}"
+
+
+def _share_text(x: float) -> str:
+    return "-" if not math.isfinite(x) else f"{x:.0%}"
+
+
+def explain_verdict(resp: pb.ExplainResponse) -> str:
+    """One line: how much of the regression the top cohort explains, and the top of each
+    other key, e.g. "latency_p95_ms: 68% of the regression comes from hw=pi (region=us: 71%)"."""
+    name = resp.metric
+    top = [c for c in resp.contributions if math.isfinite(c.contribution) and c.contribution > 0]
+    vspec, dspec = _metric_format(name)
+    regressed = math.isfinite(resp.reference_value) and (
+        (resp.fleet_value - resp.reference_value) * (1 if resp.higher_is_worse else -1) > 0)
+    if not top:
+        return (f"{name}: no single cohort explains it (removing any one leaves the fleet "
+                "as it is or worse)")
+    best = top[0]
+    others: list[str] = []
+    for c in top[1:]:
+        if c.key != best.key and all(not o.startswith(c.key + "=") for o in others):
+            part = (_share_text(c.contribution_share) if regressed
+                    else format(c.contribution, dspec))
+            others.append(f"{_value_text(c.key, c.value)}: {part}")
+    tail = f" ({'; '.join(others)})" if others else ""
+    where = _value_text(best.key, best.value)
+    if regressed and math.isfinite(best.contribution_share):
+        if best.contribution_share < EXPLAIN_STANDS_OUT:
+            return (f"{name}: no cohort stands out; the largest share of the regression is "
+                    f"{where}'s {best.contribution_share:.0%}{tail}")
+        return f"{name}: {best.contribution_share:.0%} of the regression comes from {where}{tail}"
+    reason = ("no reference to measure a regression against"
+              if not math.isfinite(resp.reference_value)
+              else f"the fleet ({_f(resp.fleet_value, vspec)}) is no worse than its reference "
+              f"({_f(resp.reference_value, vspec)})")
+    return (f"{name}: {reason}; the largest contribution is {where} "
+            f"({format(best.contribution, dspec)}){tail}")
+
+
+def explain_table(resp: pb.ExplainResponse, color: bool = False) -> str:
+    """A header line, the ranked contributions as an aligned table, and the verdict line."""
+    vspec, dspec = _metric_format(resp.metric)
+    worse = "higher" if resp.higher_is_worse else "lower"
+    out = [f"{resp.metric} of {resp.model}/{resp.model_version} from "
+           f"{_when(resp.start_unix_s)} to {_when(resp.end_unix_s)}: fleet "
+           f"{_f(resp.fleet_value, vspec)}, reference {_f(resp.reference_value, vspec)} "
+           f"({worse} is worse)",
+           "contribution: how much better the fleet is without the cohort (its value minus "
+           "the value without it, sign-flipped where lower is worse)", ""]
+    rows, colors = [], []
+    for c in resp.contributions:
+        rows.append([c.key, c.value or "(none)", _f(c.cohort_value, vspec),
+                     _f(c.fleet_without, vspec), _f(c.contribution, dspec),
+                     _share_text(c.contribution_share), _share_text(c.event_share)])
+        tint = None
+        if math.isfinite(c.contribution) and c.contribution > 0:
+            share = c.contribution_share
+            tint = _RED if math.isfinite(share) and share >= 0.5 else _YELLOW
+        colors.append([None, tint, None, None, tint, tint, None])
+    if rows:
+        out.append(table(["key", "value", "cohort", "fleet without", "contribution",
+                          "of regression", "events"], rows, color, colors))
+    else:
+        out.append("no label key to rank cohorts along in this selection")
+    line = explain_verdict(resp)
+    out.append("\n" + (f"{_BOLD}{line}{_RESET}" if color else line))
+    return "\n".join(out)
+
+
+def explain_json(resp: pb.ExplainResponse) -> dict[str, Any]:
+    """The stable JSON form of `fleetwatch explain --json`."""
+    return {
+        "schema": EXPLAIN_SCHEMA_VERSION, "metric": resp.metric, "model": resp.model,
+        "model_version": resp.model_version, "start_unix_s": resp.start_unix_s,
+        "end_unix_s": resp.end_unix_s, "fleet_value": _num(resp.fleet_value),
+        "reference_value": _num(resp.reference_value),
+        "higher_is_worse": resp.higher_is_worse, "verdict": explain_verdict(resp),
+        "contributions": [{"key": c.key, "value": c.value, "cohort_value": _num(c.cohort_value),
+                           "fleet_without": _num(c.fleet_without),
+                           "contribution": _num(c.contribution),
+                           "contribution_share": _num(c.contribution_share),
+                           "event_share": _num(c.event_share), "events": c.events}
+                          for c in resp.contributions],
+    }

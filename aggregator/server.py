@@ -7,6 +7,10 @@ With ``tls_dir`` (`fleetwatch certs init --dir DIR`) it serves mutual TLS on any
 authorizes each call by the client certificate's role (`aggregator.auth`, docs/security.md);
 without it, plaintext on loopback only.
 
+With ``http_listen`` it also serves HTTP (`aggregator.http`): Prometheus ``/metrics``
+(`aggregator.metrics`), the JSON API and the dashboard, on loopback without TLS and as HTTPS
+requiring an operator certificate with ``tls_dir``.
+
 With ``rules_path`` the server also evaluates alert rules on closed windows (event time) in a
 background thread and notifies the log and ``webhooks`` (docs/alerts.md).
 """
@@ -18,6 +22,7 @@ import ipaddress
 import logging
 import math
 import pathlib
+import ssl
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -27,8 +32,10 @@ import grpc
 from agent.errors import ConfigError
 from aggregator.alerts.evaluator import AlertEvaluator, EvaluatorConfig, load_server_rules
 from aggregator.auth import AuthInterceptor, RevocationList
+from aggregator.http import HttpContext, server_ssl_context, start_http
 from aggregator.ingest import Ingestor
 from aggregator.keys import DeviceKeys
+from aggregator.metrics import AlertCounter, Metrics, MetricsConfig
 from aggregator.notify import LogNotifier, MultiNotifier, Notifier, WebhookNotifier
 from aggregator.service import AdminService, IngestService, QueryService, ingest_handler
 from aggregator.store.sqlite import SqliteStore
@@ -76,6 +83,13 @@ class AggregatorConfig:
     # ones (while a fleet migrates).
     signing_keys_dir: str | pathlib.Path | None = None
     require_signatures: bool | None = None
+    # HTTP (aggregator.http, docs/metrics.md): off without http_listen ("HOST:PORT", port 0
+    # picks one). The metrics_* fields bound what /metrics computes at each scrape.
+    http_listen: str | None = None
+    http_default_model: str | None = None
+    metrics_groupings: tuple[tuple[str, ...], ...] = ()
+    metrics_range_s: float = 300.0
+    metrics_max_cohorts: int = 100
 
     def __post_init__(self) -> None:
         if self.require_signatures and self.signing_keys_dir is None:
@@ -103,6 +117,16 @@ class AggregatorConfig:
                               f"{self.revocation_check_s!r}")
         if self.workers < 1:
             raise ConfigError("workers must be at least 1")
+        if self.http_listen is not None:
+            h_host, h_sep, h_port = self.http_listen.rpartition(":")
+            if not h_sep or not h_port.isdigit() or not 0 <= int(h_port) <= 65535:
+                raise ConfigError(f"http_listen: {self.http_listen!r} is not HOST:PORT")
+            if self.tls_dir is None and not _is_loopback(h_host):
+                raise ConfigError(
+                    f"http_listen: {self.http_listen!r} is not a loopback address. Without TLS "
+                    "the HTTP endpoint serves loopback only; with tls_dir (--tls-dir) it serves "
+                    "HTTPS to operator certificates on any address")
+        self.metrics_config()  # validates the metrics_* fields, naming them
         if not isinstance(self.max_message_bytes, int) or not (
                 1 << 10) <= self.max_message_bytes <= (64 << 20):
             raise ConfigError(f"max_message_bytes: must be an integer in [1 KiB, 64 MiB], got "
@@ -129,6 +153,13 @@ class AggregatorConfig:
                                    external_url=self.external_url)
         except ConfigError as e:  # name this config's field: lateness_s -> alert_lateness_s
             raise ConfigError(f"alert_{e}") from None
+
+    def metrics_config(self) -> MetricsConfig:
+        try:
+            return MetricsConfig(groupings=self.metrics_groupings, range_s=self.metrics_range_s,
+                                 max_cohorts=self.metrics_max_cohorts)
+        except ConfigError as e:  # name this config's field: range_s -> metrics_range_s
+            raise ConfigError(f"metrics_{e}") from None
 
     @property
     def grpc_receive_limit(self) -> int:
@@ -157,6 +188,8 @@ class RunningAggregator:
     store: SqliteStore
     ingestor: Ingestor
     alerts: AlertEvaluator | None = None
+    http_port: int | None = None   # None: no HTTP endpoint (AggregatorConfig.http_listen)
+    metrics: Metrics | None = None
 
     @property
     def target(self) -> str:
@@ -170,8 +203,9 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
     A bad rule file or webhook URL raises ``ConfigError`` before anything listens."""
     credentials = _server_credentials(config)  # read now: a bad file fails before the store opens
     store = SqliteStore(config.db)
+    alert_counter = AlertCounter() if config.http_listen is not None else None
     try:
-        evaluator = _alert_evaluator(config, store)
+        evaluator = _alert_evaluator(config, store, alert_counter)
     except BaseException:
         store.close()
         raise
@@ -184,10 +218,16 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
         logger.info("report signatures: verified with keys from %s/devices, %s",
                     config.signing_keys_dir, "required" if ingestor.require_signatures
                     else "unsigned reports still taken")
-    interceptors = [] if credentials is None else [AuthInterceptor(
-        RevocationList(pathlib.Path(config.tls_dir) / "revoked.txt",  # type: ignore[arg-type]
-                       check_interval_s=config.revocation_check_s),
-        count=ingestor.count_rejected)]
+    revoked = None if credentials is None else RevocationList(
+        pathlib.Path(config.tls_dir) / "revoked.txt",  # type: ignore[arg-type]
+        check_interval_s=config.revocation_check_s)
+    interceptors: list[grpc.ServerInterceptor] = [] if revoked is None else [
+        AuthInterceptor(revoked, count=ingestor.count_rejected)]
+    metrics = None
+    if config.http_listen is not None:
+        metrics = Metrics(store, ingestor, evaluator, config.metrics_config(),
+                          alert_counter=alert_counter)
+        interceptors.append(metrics.grpc_interceptor())  # after auth: refused calls not timed
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers,
                                    thread_name_prefix="fleetwatch-rpc"),
@@ -209,6 +249,24 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
         store.close()
         raise ConfigError(f"listen: could not bind {config.listen} (in use?)")
     server.start()
+    http_server = None
+    if config.http_listen is not None:
+        try:
+            http_server = start_http(
+                config.http_listen,
+                HttpContext(store, evaluator, ingestor, config.http_default_model), metrics,
+                None if config.tls_dir is None else _http_tls(config), revoked)
+        except (OSError, ssl.SSLError) as e:
+            server.stop(grace=None).wait()
+            if evaluator is not None:
+                evaluator.close(timeout_s=0.0)
+            store.close()
+            raise ConfigError(f"http_listen: could not serve {config.http_listen} ({e})"
+                              ) from None
+        logger.info("HTTP on %s:%d (%s): /metrics, /api/..., dashboard at /",
+                    config.http_listen.rsplit(":", 1)[0], http_server.port,
+                    "HTTPS, operator certificates only" if config.tls_dir else
+                    "WITHOUT TLS, loopback only")
     if evaluator is not None:
         evaluator.start()
     address = config.listen.rsplit(":", 1)[0] + f":{port}"
@@ -219,8 +277,11 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
         logger.info("serving on %s with mutual TLS (certificates and revoked.txt in %s) with "
                     "database %s", address, config.tls_dir, config.db)
     try:
-        yield RunningAggregator(server, port, store, ingestor, evaluator)
+        yield RunningAggregator(server, port, store, ingestor, evaluator,
+                                None if http_server is None else http_server.port, metrics)
     finally:
+        if http_server is not None:
+            http_server.close()
         server.stop(grace=2).wait()
         if evaluator is not None:
             # Bounded: a hung webhook receiver delays shutdown by at most this much.
@@ -241,11 +302,19 @@ def _server_credentials(config: AggregatorConfig) -> grpc.ServerCredentials | No
                                        require_client_auth=True)
 
 
-def _alert_evaluator(config: AggregatorConfig, store: SqliteStore) -> AlertEvaluator | None:
+def _http_tls(config: AggregatorConfig) -> ssl.SSLContext:
+    d = pathlib.Path(config.tls_dir)  # type: ignore[arg-type]
+    return server_ssl_context(str(d / "ca.pem"), str(d / "server.pem"), str(d / "server.key"))
+
+
+def _alert_evaluator(config: AggregatorConfig, store: SqliteStore,
+                     counter: AlertCounter | None = None) -> AlertEvaluator | None:
     if config.rules_path is None:
         return None
     rules = load_server_rules(config.rules_path, store)
     sinks: list[Notifier] = [LogNotifier()]
+    if counter is not None:
+        sinks.append(counter)  # the alert rate per rule, for /metrics
     if config.webhooks:
         sinks.append(WebhookNotifier(config.webhooks, timeout_s=config.webhook_timeout_s,
                                      external_url=config.external_url))

@@ -16,6 +16,7 @@ from aggregator.alerts.evaluator import AlertEvaluator, ModelBudget
 from aggregator.auth import peer_identity
 from aggregator.certs import DEVICE
 from aggregator.compare import Comparison, compare_versions
+from aggregator.explain import explain
 from aggregator.ingest import (
     ClockAhead,
     IdentityMismatch,
@@ -282,6 +283,15 @@ class QueryService(pb_grpc.QueryServicer):
         except Exception as e:
             _abort(context, e)
         return comparison_to_proto(result)
+
+    def Explain(self, request: pb.ExplainRequest,
+                context: grpc.ServicerContext) -> pb.ExplainResponse:
+        try:
+            return explain(self.store, request.model, request.model_version,
+                           dict(request.selector), request.metric, request.start_unix_s,
+                           request.end_unix_s, list(request.keys), request.limit)
+        except Exception as e:
+            _abort(context, e)
 
     def ListCohorts(self, request: pb.ListCohortsRequest,
                     context: grpc.ServicerContext) -> pb.ListCohortsResponse:

@@ -421,3 +421,18 @@ def test_spool_bound_drop_count_travels_in_the_next_report(make, clock):
     assert [r.seq for r in reports] == [3, 4]
     assert [r.spool_dropped_count for r in reports] == [0, 1]
     assert mon.stats().spool.dropped_total == 2
+
+
+def test_events_after_a_flush_in_the_same_window_are_reported(make, clock):
+    """The hot path reuses the window of the previous event; a flush closes that window, and
+    later events of the same window go to a new report, not into the closed one."""
+    mon = make()
+    mon.observe({"x": 0.5}, prediction="cat")
+    mon.observe({"x": 0.5}, prediction="cat")
+    mon.flush(timeout_s=0.1)
+    mon.observe({"x": 1.5}, prediction="dog")
+    mon.flush(timeout_s=0.1)
+    reports = sorted(_reports(mon.spool), key=lambda r: r.seq)
+    assert [r.event_count for r in reports] == [2, 1]
+    assert reports[0].window_start_unix_s == reports[1].window_start_unix_s
+    assert mon.stats().events == 3

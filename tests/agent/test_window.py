@@ -312,3 +312,39 @@ def test_observe_and_batch_numeric_arrays_agree():
     assert a == b
     assert a.invalid_value_count > 0
     assert a.latency.get_quantiles([0.1, 0.5, 0.9]) == b.latency.get_quantiles([0.1, 0.5, 0.9])
+
+
+# -- the per-event loop's inlined numeric path ---------------------------------------------------
+
+_EDGY = [-1.0, -0.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.0000000000000004, 3.0, -5, 0, 1, 2, 3, 10**400,
+         -(10**400), math.nan, math.inf, -math.inf, True, False, np.float64(1.0),
+         np.float64(2.0), np.int64(2), np.float32(math.nan), None, "1.0"]
+
+
+@pytest.mark.parametrize("value", _EDGY, ids=repr)
+def test_per_event_bin_is_the_binners(value):
+    """The accumulator inlines NumericBinner.index for floats and ints in interior bins: every
+    value lands where index() puts it and counts invalid as it says (last edge, NaN, infinities,
+    ints beyond float range, bools, numpy scalars)."""
+    acc = _acc()
+    acc.observe({"x": value}, None, None, False)
+    binner = dict(acc._binners)["x"]
+    i, bad = binner.index(value)
+    s = acc.to_summary()
+    expected = [0] * 5
+    expected[i] = 1
+    assert s.features["x"].tolist() == expected
+    assert s.invalid_value_count == int(bad)
+
+
+def test_a_defaultdict_of_features_is_not_filled_in():
+    from collections import defaultdict
+
+    feats: defaultdict[str, float] = defaultdict(lambda: 1.5, {"x": 0.5})
+    acc = _acc()
+    acc.observe(feats, None, None, False)
+    assert dict(feats) == {"x": 0.5}  # reading it did not insert "c"
+    s = acc.to_summary()
+    assert s.features["x"].tolist() == [0, 1, 0, 0, 0]
+    assert s.features["c"].tolist() == [0, 0, 0, 1]  # absent: the missing bin
+    assert s.unknown_feature_count == 0
