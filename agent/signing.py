@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.errors import ConfigError
+from agent.keyfiles import read_credential_file
 from protos import fleetwatch_pb2 as pb
 
 __all__ = ["SIGN_KEY_SUFFIX", "ReportSigner"]
@@ -56,12 +57,7 @@ class ReportSigner:
         """Load an unencrypted PKCS8 PEM key. ``key_id`` defaults to the file's name without
         ``.sign.key`` (``devices/cam-0042.sign.key`` -> ``cam-0042``)."""
         p = pathlib.Path(path)
-        try:
-            if p.stat().st_size > MAX_KEY_FILE_BYTES:
-                raise ConfigError(f"signing_key: {p} is too large to be a key file")
-            data = p.read_bytes()
-        except OSError as e:
-            raise ConfigError(f"signing_key: cannot read {p}: {e.strerror}") from None
+        data = read_credential_file("signing_key", p, MAX_KEY_FILE_BYTES)
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError, UnsupportedAlgorithm):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import grpc
 
 from agent.errors import ConfigError
+from agent.keyfiles import read_credential_file
 
 __all__ = ["TlsCredentials", "make_channel"]
 
@@ -78,12 +79,7 @@ def make_channel(target: str, tls: TlsCredentials | None = None, *,
 
 def _read(name: str, path: str | os.PathLike[str]) -> bytes:
     p = pathlib.Path(path)
-    try:
-        if p.stat().st_size > MAX_PEM_BYTES:
-            raise ConfigError(f"tls.{name}: {p} is too large to be a PEM file")
-        data = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"tls.{name}: cannot read {p}: {e.strerror}") from None
+    data = read_credential_file(f"tls.{name}", p, MAX_PEM_BYTES)
     if b"-----BEGIN " not in data:
         # Never echo the contents: the key file is a secret.
         raise ConfigError(f"tls.{name}: {p} is not a PEM file")
