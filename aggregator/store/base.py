@@ -135,7 +135,8 @@ class Store(Protocol):
                resolutions: tuple[int, ...]) -> IngestOutcome:
         """Deduplicate on (device_id, seq), refuse seqs below the device's high-water mark
         minus REORDER_WINDOW (REPLAYED), store the raw envelope, merge the summary into every
-        resolution's rollup and raise the high-water mark, all in one transaction."""
+        resolution's rollup and raise the high-water mark, all in one transaction (which may
+        hold other callers' reports too), and return only once it is durably committed."""
         ...
 
     def label_sets(self, spec_hash: str) -> list[LabelSet]: ...
@@ -150,7 +151,11 @@ class Store(Protocol):
         ...
 
     def device_count(self, spec_hash: str, label_set_ids: Iterable[int], start: int,
-                     end: int) -> int: ...
+                     end: int) -> int:
+        """Distinct devices with a report of these label sets whose window starts in
+        [start, end). Exact, never an estimate: availability divides two of these counts,
+        and a fully reporting fleet must read exactly 1."""
+        ...
 
     def privacy_stats(self, spec_hash: str, label_set_ids: Iterable[int], start: int,
                       end: int) -> PrivacyStats: ...

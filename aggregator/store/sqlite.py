@@ -1,7 +1,9 @@
 """The embedded default store: one SQLite file in WAL mode.
 
 One writer connection behind a lock (SQLite allows one writer at a time anyway) and one reader
-connection per thread, so queries never wait for ingest commits.
+connection per thread, so queries never wait for ingest commits. Ingest commits in groups:
+reports that arrive while a commit is in progress share the next transaction (`ingest`), so
+one fsync serves many reports.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from agent.spec import Spec
 from agent.summary import Summary
 from agent.wire import ReportMeta, summary_from_proto, summary_to_proto
 from aggregator.store.base import (
+    DAY_S,
+    HOUR_S,
     REORDER_WINDOW,
     AlertRecord,
     IngestOutcome,
@@ -26,6 +31,7 @@ from aggregator.store.base import (
     PrivacyStats,
     canonical_labels,
     parse_labels,
+    time_cover,
 )
 from protos import fleetwatch_pb2 as pb
 
@@ -115,6 +121,54 @@ CREATE INDEX IF NOT EXISTS alert_history_by_model ON alert_history (model, state
 # with no `devices` row gets its mark from its stored reports, see `_high_water_mark`).
 
 
+# Which devices reported in a bucket (an hour, a day), and what their reports there add up to
+# for the privacy table: device counts and privacy stats over a long range read these rows for
+# the whole buckets inside it and the raw reports only at the (under an hour long) edges,
+# instead of every report in the range. Written in the ingest transaction, exactly once per
+# accepted report (ingest deduplicates first), so the sums stay exact. Added without a version
+# bump: a database from an earlier build gets the table filled from its reports once, at open
+# (`_add_device_activity`). (A file written by this build, then by an earlier one, then by this
+# one again would miss the earlier build's rows: downgrades are not supported.)
+_ACTIVITY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS device_activity (
+    spec_hash TEXT NOT NULL,
+    resolution INTEGER NOT NULL,    -- the bucket's length in seconds: HOUR_S or DAY_S
+    label_set INTEGER NOT NULL,
+    bucket INTEGER NOT NULL,        -- window_start rounded down to the resolution
+    device_id TEXT NOT NULL,
+    reports INTEGER NOT NULL,
+    withheld INTEGER NOT NULL,
+    max_day_epsilon REAL NOT NULL,
+    PRIMARY KEY (spec_hash, resolution, label_set, bucket, device_id)
+) WITHOUT ROWID;
+-- The edges: "did this device report in [a, b)?" is one seek per device.
+CREATE INDEX IF NOT EXISTS reports_by_device ON reports (device_id, window_start);
+"""
+# A cohort's rollups over a range: without it, reading one label set's rows walks the rows of
+# every label set in the range (the primary key puts window_start before label_set).
+_ROLLUPS_BY_LABEL_SET = ("CREATE INDEX IF NOT EXISTS rollups_by_label_set ON rollups "
+                         "(spec_hash, resolution, label_set, window_start)")
+ACTIVITY_RESOLUTIONS = (HOUR_S, DAY_S)
+
+
+# Reports per group-commit transaction, at most: bounds how long the write lock is held
+# (and so how long a query's `save_alert_window` or a spec push may wait behind a batch).
+MAX_BATCH = 256
+
+
+@dataclass(eq=False)
+class _IngestJob:
+    """A report waiting in the group-commit queue, and what became of it."""
+
+    meta: ReportMeta
+    envelope: bytes
+    summary: Summary
+    resolutions: tuple[int, ...]
+    done: bool = False
+    outcome: IngestOutcome | None = None
+    error: BaseException | None = None
+
+
 class SqliteStore:
     """`Store` on one SQLite file.
 
@@ -141,9 +195,45 @@ class SqliteStore:
         elif row[0] != SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: schema version {row[0]}, this build knows "
                                f"{SCHEMA_VERSION}")
+        self._add_device_activity()
+        self._writer.execute(_ROLLUPS_BY_LABEL_SET)
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
-        self._label_cache: dict[str, int] = {}
+        self._label_cache: dict[str, int] = {}   # canonical -> id, committed ids only
+        self._queue_lock = threading.Lock()
+        self._queue: list[_IngestJob] = []        # reports waiting for the next batch
+        self.ingest_commits = 0                   # group-commit transactions committed
+
+    def _add_device_activity(self) -> None:
+        """Create `device_activity` (and the edge index), filled from the stored reports when
+        the database was written by a build without it: once, in one transaction, so a crash
+        part-way leaves no half-filled table behind (the next open starts over)."""
+        cur = self._writer.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            if cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                           "name = 'device_activity'").fetchone() is not None:
+                cur.execute("COMMIT")
+                return
+            t0 = time.monotonic()
+            for statement in filter(str.strip, _ACTIVITY_SCHEMA.split(";")):
+                cur.execute(statement)
+            for res in ACTIVITY_RESOLUTIONS:
+                cur.execute(
+                    "INSERT INTO device_activity (spec_hash, resolution, label_set, bucket, "
+                    "device_id, reports, withheld, max_day_epsilon) "
+                    "SELECT spec_hash, ?, label_set, (window_start / ?) * ?, device_id, "
+                    "COUNT(*), SUM(withheld), MAX(day_epsilon) FROM reports "
+                    "GROUP BY spec_hash, label_set, window_start / ?, device_id",
+                    (res, res, res, res))
+            rows = cur.execute("SELECT COUNT(*) FROM device_activity").fetchone()[0]
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        if rows:
+            logger.info("%s: device_activity filled from the stored reports: %d rows in %.1f s",
+                        self.path, rows, time.monotonic() - t0)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
@@ -196,69 +286,138 @@ class SqliteStore:
 
     # -- ingest ------------------------------------------------------------------------------
 
-    def _label_set_id(self, cur: sqlite3.Cursor, labels: dict[str, str]) -> int:
+    def _label_set_id(self, cur: sqlite3.Cursor, labels: dict[str, str],
+                      interned: dict[str, int]) -> int:
+        """The label set's id; one interned in the open transaction goes into `interned`,
+        not the cache: the cache only learns ids whose transaction committed."""
         canonical = canonical_labels(labels)
         cached = self._label_cache.get(canonical)
+        if cached is None:
+            cached = interned.get(canonical)
         if cached is not None:
             return cached
         cur.execute("INSERT OR IGNORE INTO label_sets (canonical) VALUES (?)", (canonical,))
         lid = cur.execute("SELECT id FROM label_sets WHERE canonical = ?",
                           (canonical,)).fetchone()[0]
-        self._label_cache[canonical] = lid
+        interned[canonical] = lid
         return lid
 
     def ingest(self, meta: ReportMeta, envelope: bytes, summary: Summary,
                resolutions: tuple[int, ...]) -> IngestOutcome:
-        with self._write_lock:
-            cur = self._writer.cursor()
+        """Group commit: the report joins a queue; whoever holds the write lock (the leader)
+        writes everything queued, each report in its own savepoint, commits once and hands
+        every caller its outcome. A caller returns only after the commit that holds its
+        report, so the acknowledgement still follows a durable commit, and one fsync serves
+        every report that arrived while the previous batch was committing. Nobody waits for
+        a batch to fill: a report alone is committed at once."""
+        job = _IngestJob(meta, envelope, summary, resolutions)
+        with self._queue_lock:
+            self._queue.append(job)
+        while not job.done:
+            with self._write_lock:
+                # A leader finishes its batch (outcomes set) before it lets go of the lock:
+                # the job is now either done or still queued.
+                if job.done:
+                    break
+                with self._queue_lock:
+                    batch = self._queue[:MAX_BATCH]
+                    del self._queue[:MAX_BATCH]
+                self._write_batch(batch)
+        if job.error is not None:
+            raise job.error
+        assert job.outcome is not None
+        return job.outcome
+
+    def _write_batch(self, batch: list[_IngestJob]) -> None:
+        """One transaction for the batch; a report that fails rolls back its savepoint alone
+        and its caller gets the exception; when the transaction itself fails every caller
+        gets it (nothing of the batch is stored). Called with the write lock held."""
+        interned: dict[str, int] = {}
+        cur = self._writer.cursor()
+        try:
             cur.execute("BEGIN IMMEDIATE")
-            try:
-                # Deduplicate before interning the label set: a label set interned (and
-                # cached) in a transaction that is then rolled back would leave a dangling id.
-                if cur.execute("SELECT 1 FROM reports WHERE device_id = ? AND seq = ?",
-                               (meta.device_id, meta.seq)).fetchone() is not None:
-                    cur.execute("ROLLBACK")
-                    return IngestOutcome.DUPLICATE
-                hwm = self._high_water_mark(cur, meta.device_id)
-                if hwm is not None and meta.seq < hwm - self.reorder_window:
-                    cur.execute("ROLLBACK")
-                    return IngestOutcome.REPLAYED
-                lid = self._label_set_id(cur, dict(meta.labels))
-                cur.execute(
-                    "INSERT INTO reports (device_id, seq, spec_hash, label_set, "
-                    "window_start, received_ms, withheld, epsilon, day_epsilon, envelope) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (meta.device_id, meta.seq, meta.spec_hash, lid, meta.window_start_unix_s,
-                     int(time.time() * 1000), int(meta.private_withheld), meta.epsilon_spent,
-                     meta.day_epsilon_spent, envelope))
-                cur.execute("INSERT OR IGNORE INTO spec_label_sets VALUES (?, ?)",
-                            (meta.spec_hash, lid))
-                for res in resolutions:
-                    bucket = (meta.window_start_unix_s // res) * res
-                    row = cur.execute(
-                        "SELECT summary FROM rollups WHERE spec_hash = ? AND resolution = ? "
-                        "AND window_start = ? AND label_set = ?",
-                        (meta.spec_hash, res, bucket, lid)).fetchone()
-                    if row is None:
-                        merged = summary
-                    else:
-                        merged = summary_from_proto(pb.Summary.FromString(row[0]))
-                        merged.merge_in(summary)
-                    cur.execute(
-                        "INSERT OR REPLACE INTO rollups (spec_hash, resolution, window_start, "
-                        "label_set, summary) VALUES (?, ?, ?, ?, ?)",
-                        (meta.spec_hash, res, bucket, lid,
-                         summary_to_proto(merged).SerializeToString()))
-                cur.execute(
-                    "INSERT INTO devices (device_id, hwm_seq, updated_ms) VALUES (?, ?, ?) "
-                    "ON CONFLICT (device_id) DO UPDATE SET "
-                    "hwm_seq = MAX(hwm_seq, excluded.hwm_seq), updated_ms = excluded.updated_ms",
-                    (meta.device_id, meta.seq, int(time.time() * 1000)))
-                cur.execute("COMMIT")
-            except BaseException:
+            for job in batch:
+                before = set(interned)
+                cur.execute("SAVEPOINT report")
+                try:
+                    job.outcome = self._write_one(cur, job.meta, job.envelope, job.summary,
+                                                  job.resolutions, interned)
+                except Exception as e:
+                    if not self._writer.in_transaction:
+                        raise  # SQLite rolled the whole transaction back: the batch fails
+                    cur.execute("ROLLBACK TO report")
+                    for canonical in set(interned) - before:
+                        del interned[canonical]  # rolled back with the savepoint
+                    job.outcome, job.error = None, e
+                cur.execute("RELEASE report")
+            cur.execute("COMMIT")
+        except BaseException as e:
+            if self._writer.in_transaction:
                 cur.execute("ROLLBACK")
-                self._label_cache.clear()  # an interned id may have been rolled back
-                raise
+            for job in batch:
+                job.outcome, job.error = None, job.error or e
+                job.done = True
+            if not isinstance(e, Exception):
+                raise  # KeyboardInterrupt and the like stop the leader too
+            return
+        self._label_cache.update(interned)
+        self.ingest_commits += 1
+        for job in batch:
+            job.done = True
+
+    def _write_one(self, cur: sqlite3.Cursor, meta: ReportMeta, envelope: bytes,
+                   summary: Summary, resolutions: tuple[int, ...],
+                   interned: dict[str, int]) -> IngestOutcome:
+        # Earlier reports of the batch are visible here (same transaction): a second
+        # copy of a report in one batch is a duplicate, and the high-water mark is exact.
+        if cur.execute("SELECT 1 FROM reports WHERE device_id = ? AND seq = ?",
+                       (meta.device_id, meta.seq)).fetchone() is not None:
+            return IngestOutcome.DUPLICATE
+        hwm = self._high_water_mark(cur, meta.device_id)
+        if hwm is not None and meta.seq < hwm - self.reorder_window:
+            return IngestOutcome.REPLAYED
+        lid = self._label_set_id(cur, dict(meta.labels), interned)
+        cur.execute(
+            "INSERT INTO reports (device_id, seq, spec_hash, label_set, "
+            "window_start, received_ms, withheld, epsilon, day_epsilon, envelope) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (meta.device_id, meta.seq, meta.spec_hash, lid, meta.window_start_unix_s,
+             int(time.time() * 1000), int(meta.private_withheld), meta.epsilon_spent,
+             meta.day_epsilon_spent, envelope))
+        cur.execute("INSERT OR IGNORE INTO spec_label_sets VALUES (?, ?)",
+                    (meta.spec_hash, lid))
+        for res in ACTIVITY_RESOLUTIONS:
+            cur.execute(
+                "INSERT INTO device_activity (spec_hash, resolution, label_set, bucket, "
+                "device_id, reports, withheld, max_day_epsilon) "
+                "VALUES (?, ?, ?, ?, ?, 1, ?, ?) "
+                "ON CONFLICT (spec_hash, resolution, label_set, bucket, device_id) "
+                "DO UPDATE SET reports = reports + 1, "
+                "withheld = withheld + excluded.withheld, "
+                "max_day_epsilon = MAX(max_day_epsilon, excluded.max_day_epsilon)",
+                (meta.spec_hash, res, lid, (meta.window_start_unix_s // res) * res,
+                 meta.device_id, int(meta.private_withheld), meta.day_epsilon_spent))
+        for res in resolutions:
+            bucket = (meta.window_start_unix_s // res) * res
+            row = cur.execute(
+                "SELECT summary FROM rollups WHERE spec_hash = ? AND resolution = ? "
+                "AND window_start = ? AND label_set = ?",
+                (meta.spec_hash, res, bucket, lid)).fetchone()
+            if row is None:
+                merged = summary
+            else:
+                merged = summary_from_proto(pb.Summary.FromString(row[0]))
+                merged.merge_in(summary)
+            cur.execute(
+                "INSERT OR REPLACE INTO rollups (spec_hash, resolution, window_start, "
+                "label_set, summary) VALUES (?, ?, ?, ?, ?)",
+                (meta.spec_hash, res, bucket, lid,
+                 summary_to_proto(merged).SerializeToString()))
+        cur.execute(
+            "INSERT INTO devices (device_id, hwm_seq, updated_ms) VALUES (?, ?, ?) "
+            "ON CONFLICT (device_id) DO UPDATE SET "
+            "hwm_seq = MAX(hwm_seq, excluded.hwm_seq), updated_ms = excluded.updated_ms",
+            (meta.device_id, meta.seq, int(time.time() * 1000)))
         return IngestOutcome.ACCEPTED
 
     @staticmethod
@@ -316,29 +475,90 @@ class SqliteStore:
 
     def device_count(self, spec_hash: str, label_set_ids: Iterable[int], start: int,
                      end: int) -> int:
+        """Devices with a report whose window starts in [start, end), exactly.
+
+        The whole hours and days inside the range come from `device_activity` (a row per
+        device per bucket, not per report). A partial hour at an edge only adds the devices of
+        that hour's rows that are not counted already and that have a report inside the edge
+        (one seek each in `reports_by_device`): for a fleet that reports steadily there are
+        none to check."""
         ids = sorted(set(label_set_ids))
-        if not ids:
+        if not ids or start >= end:
             return 0
+        db = self._reader()
+        # The health query asks for the same count twice per cohort (the range, and the last
+        # day, often the same): remembered per reader connection until anything commits
+        # (data_version changes with every commit by another connection or process).
+        version = db.execute("PRAGMA data_version").fetchone()[0]
+        memo = getattr(self._local, "counts", None)
+        if memo is None or memo[0] != version or len(memo[1]) > 4096:
+            memo = self._local.counts = (version, {})
+        key = (spec_hash, tuple(ids), start, end)
+        if key in memo[1]:
+            return memo[1][key]
         marks = ",".join("?" * len(ids))
-        row = self._reader().execute(
-            f"SELECT COUNT(DISTINCT device_id) FROM reports WHERE spec_hash = ? "
-            f"AND window_start >= ? AND window_start < ? AND label_set IN ({marks})",
-            (spec_hash, start, end, *ids)).fetchone()
-        return int(row[0])
+        whole, edges = _activity_cover(start, end)
+        covered_sql, covered_args = [], []
+        for res, lo, hi in whole:
+            covered_sql.append(
+                f"SELECT DISTINCT device_id FROM device_activity WHERE spec_hash = ? "
+                f"AND resolution = ? "
+                f"AND label_set IN ({marks}) AND bucket >= ? AND bucket < ?")
+            covered_args += [spec_hash, res, *ids, lo, hi]
+        edge_sql, edge_args = [], []
+        for lo, hi in edges:
+            edge_sql.append(
+                f"SELECT DISTINCT e.device_id FROM device_activity e WHERE e.spec_hash = ? "
+                f"AND e.resolution = {HOUR_S} AND e.label_set IN ({marks}) "
+                f"AND e.bucket >= ? AND e.bucket < ? "
+                + ("AND e.device_id NOT IN (SELECT device_id FROM covered) "
+                   if covered_sql else "")
+                + "AND EXISTS (SELECT 1 FROM reports r INDEXED BY reports_by_device "
+                  "WHERE r.device_id = e.device_id AND r.window_start >= ? "
+                  "AND r.window_start < ? AND r.spec_hash = e.spec_hash "
+                  "AND r.label_set = e.label_set)")
+            edge_args += [spec_hash, *ids, lo // HOUR_S * HOUR_S, -(-hi // HOUR_S) * HOUR_S,
+                          lo, hi]
+        parts = []
+        if covered_sql:
+            parts.append("(SELECT COUNT(*) FROM covered)")
+        if edge_sql:
+            parts.append(f"(SELECT COUNT(*) FROM ({' UNION '.join(edge_sql)}))")
+        sql = "SELECT " + " + ".join(parts)
+        if covered_sql:
+            sql = f"WITH covered(device_id) AS MATERIALIZED ({' UNION '.join(covered_sql)}) " + sql
+        count = int(db.execute(sql, (*covered_args, *edge_args)).fetchone()[0])
+        memo[1][key] = count
+        return count
 
     def privacy_stats(self, spec_hash: str, label_set_ids: Iterable[int], start: int,
                       end: int) -> PrivacyStats:
+        """Per-device sums over the range: from `device_activity` for the whole hours and days
+        inside it, from the raw reports for the (under an hour long) edges; so a month costs
+        about what a day does."""
         ids = sorted(set(label_set_ids))
-        if not ids:
+        if not ids or start >= end:
             return PrivacyStats(0, 0, 0, 0, 0.0, 0.0)
         marks = ",".join("?" * len(ids))
+        whole, edges = _activity_cover(start, end)
+        parts, args = [], []
+        for res, lo, hi in whole:
+            parts.append(
+                f"SELECT device_id, reports AS n, withheld AS w, max_day_epsilon AS d "
+                f"FROM device_activity WHERE spec_hash = ? AND resolution = ? "
+                f"AND label_set IN ({marks}) AND bucket >= ? AND bucket < ?")
+            args += [spec_hash, res, *ids, lo, hi]
+        for lo, hi in edges:
+            parts.append(
+                f"SELECT device_id, 1 AS n, withheld AS w, day_epsilon AS d FROM reports "
+                f"WHERE spec_hash = ? AND window_start >= ? AND window_start < ? "
+                f"AND label_set IN ({marks})")
+            args += [spec_hash, lo, hi, *ids]
         row = self._reader().execute(
             f"SELECT COUNT(*), COUNT(CASE WHEN w > 0 THEN 1 END), COALESCE(SUM(n), 0), "
             f"COALESCE(SUM(w), 0), COALESCE(MAX(d), 0), COALESCE(AVG(d), 0) FROM ("
-            f"SELECT device_id, COUNT(*) AS n, SUM(withheld) AS w, MAX(day_epsilon) AS d "
-            f"FROM reports WHERE spec_hash = ? AND window_start >= ? AND window_start < ? "
-            f"AND label_set IN ({marks}) GROUP BY device_id)",
-            (spec_hash, start, end, *ids)).fetchone()
+            f"SELECT device_id, SUM(n) AS n, SUM(w) AS w, MAX(d) AS d FROM ("
+            f"{' UNION ALL '.join(parts)}) GROUP BY device_id)", args).fetchone()
         return PrivacyStats(int(row[0]), int(row[1]), int(row[2]), int(row[3]),
                             float(row[4]), float(row[5]))
 
@@ -421,6 +641,20 @@ class SqliteStore:
                 db.close()
             self._readers.clear()
             self._writer.close()
+
+
+def _activity_cover(start: int, end: int) -> tuple[list[tuple[int, int, int]],
+                                                  list[tuple[int, int]]]:
+    """[start, end) as whole `device_activity` buckets, (resolution, lo, hi) with bucket
+    starts in [lo, hi), and the edges left over, (lo, hi) window-start ranges each shorter
+    than an hour (or, with no whole hour inside, the range itself)."""
+    whole, edges = [], []
+    for res, lo, hi in time_cover(start, end, (1, *ACTIVITY_RESOLUTIONS)):
+        if res == 1:
+            edges.append((lo, hi))
+        else:
+            whole.append((res, lo, hi))
+    return whole, edges
 
 
 def _real(x: float) -> float | None:
