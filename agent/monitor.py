@@ -499,7 +499,7 @@ class Monitor:
             removed, self._cache_removed = self._cache_removed, set()
             min_t = self.clock() - self._label_ttl_s
         try:
-            self.spool.label_cache_update(added, removed, self._label_cache_size, min_t)
+            self.spool.label_cache_update(added, removed, min_t)
         except Exception:
             with self._lock:  # try again next time; newer changes win over these
                 for k, v in added.items():
@@ -608,8 +608,12 @@ class Monitor:
     # -- closing windows and delivering -------------------------------------------------------
 
     def _spool_closed(self) -> None:
-        """Turn closed windows into reports in the spool (I/O: never on the hot path)."""
-        self._persist_label_cache()
+        """Turn closed windows into reports in the spool (I/O: never on the hot path).
+
+        The label cache's copy is brought up to date with them: once per closed window, not
+        on every tick (one durable write a minute per device, not one a second)."""
+        if self._closed:
+            self._persist_label_cache()
         while True:
             with self._lock:
                 if not self._closed:

@@ -248,9 +248,11 @@ class Spool:
     # -- predictions waiting for their label ---------------------------------------------------
 
     def label_cache_update(self, added: Mapping[str, tuple[float, float, float]],
-                           removed: Iterable[str], max_entries: int, min_t: float) -> None:
-        """Store new cache entries and forget joined / evicted ones, in one transaction; keep
-        at most `max_entries`, none older than `min_t` (the TTL)."""
+                           removed: Iterable[str], min_t: float) -> None:
+        """Store new cache entries and forget joined / evicted ones, and those older than
+        `min_t` (the TTL), in one transaction. The caller mirrors a bounded cache (its
+        evictions come as `removed`), so the copy stays bounded; `label_cache_load` takes the
+        newest entries only, should it not be."""
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
@@ -259,10 +261,7 @@ class Spool:
                                 ((r,) for r in removed))
                 cur.executemany("INSERT OR REPLACE INTO label_cache VALUES (?, ?, ?, ?)",
                                 ((k, t, _real(p), _real(c)) for k, (t, p, c) in added.items()))
-                cur.execute("DELETE FROM label_cache WHERE t < ?", (min_t,))
-                cur.execute("DELETE FROM label_cache WHERE request_id IN (SELECT request_id "
-                            "FROM label_cache ORDER BY t DESC LIMIT -1 OFFSET ?)",
-                            (max_entries,))
+                cur.execute("DELETE FROM label_cache WHERE t < ?", (min_t,))  # indexed
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")

@@ -315,20 +315,20 @@ def test_concurrent_enqueue_gives_unique_seqs(spool):
 
 def test_label_cache_copy_round_trips_and_stays_bounded(tmp_path) -> None:
     """The spool's copy of the label cache: NaN predictions and confidences survive (SQLite has
-    no NaN), joined ids are forgotten, and the bounds (newest max_entries, none older than the
-    TTL cutoff) hold on every update."""
+    no NaN), joined ids are forgotten, expired entries are deleted on update, and a load takes
+    only the newest entries not older than its cutoff."""
     nan = float("nan")
     spool = Spool(tmp_path / "s.sqlite")
     spool.label_cache_update({"a": (10.0, 0.9, nan), "b": (11.0, nan, 0.4),
-                              "c": (12.0, 1.0, 0.7)}, (), max_entries=10, min_t=0.0)
-    spool.label_cache_update({"d": (13.0, 0.1, nan)}, ["b"], max_entries=10, min_t=0.0)
+                              "c": (12.0, 1.0, 0.7)}, (), min_t=0.0)
+    spool.label_cache_update({"d": (13.0, 0.1, nan)}, ["b"], min_t=0.0)
     got = spool.label_cache_load(0.0, 10)
     assert [k for k, _ in got] == ["a", "c", "d"]          # oldest first, "b" joined
     t, pred, conf = dict(got)["a"]
     assert (t, pred) == (10.0, 0.9) and conf != conf        # NaN back as NaN
-    spool.label_cache_update({}, (), max_entries=2, min_t=0.0)
-    assert [k for k, _ in spool.label_cache_load(0.0, 10)] == ["c", "d"]   # newest 2 kept
-    spool.label_cache_update({}, (), max_entries=10, min_t=12.5)
+    assert [k for k, _ in spool.label_cache_load(0.0, 2)] == ["c", "d"]    # newest 2 loaded
+    assert [k for k, _ in spool.label_cache_load(11.5, 10)] == ["c", "d"]  # none too old
+    spool.label_cache_update({}, (), min_t=12.5)
     assert [k for k, _ in spool.label_cache_load(0.0, 10)] == ["d"]        # TTL cutoff
     spool.close()
     reopened = Spool(tmp_path / "s.sqlite")
