@@ -69,31 +69,45 @@ def peer_identity(context: grpc.ServicerContext) -> Identity | None:
     return found.pop() if len(found) == 1 else None
 
 
-def _peer_serial_hex(context: grpc.ServicerContext) -> str | None:
+def _peer_pem(context: grpc.ServicerContext) -> bytes | None:
     pems = (context.auth_context() or {}).get("x509_pem_cert", ())
-    if not pems:
-        return None
-    return _serial_of(bytes(pems[0]))
+    return bytes(pems[0]) if pems else None
 
 
-_serials: dict[bytes, str] = {}
-_serials_lock = threading.Lock()
+def _peer_serial_hex(context: grpc.ServicerContext) -> str | None:
+    pem = _peer_pem(context)
+    facts = None if pem is None else _cert_facts(pem)
+    return None if facts is None else facts[0]
 
 
-def _serial_of(pem: bytes) -> str | None:
-    """The certificate's serial in lower-case hex (parsed once per distinct certificate)."""
-    with _serials_lock:
-        serial = _serials.get(pem)
-    if serial is None:
+def peer_expired(context: grpc.ServicerContext, now: float | None = None) -> bool:
+    """Whether the peer's certificate has expired since its connection was made: the TLS
+    handshake checks expiry only once, and a connection may stay open for days."""
+    pem = _peer_pem(context)
+    facts = None if pem is None else _cert_facts(pem)
+    return facts is not None and (time.time() if now is None else now) > facts[1]
+
+
+_facts: dict[bytes, tuple[str, float]] = {}
+_facts_lock = threading.Lock()
+
+
+def _cert_facts(pem: bytes) -> tuple[str, float] | None:
+    """(serial in lower-case hex, not-after as Unix seconds) of a certificate, parsed once per
+    distinct certificate."""
+    with _facts_lock:
+        facts = _facts.get(pem)
+    if facts is None:
         try:
-            serial = format(x509.load_pem_x509_certificate(pem).serial_number, "x")
+            cert = x509.load_pem_x509_certificate(pem)
         except ValueError:
             return None
-        with _serials_lock:
-            if len(_serials) >= 10_000:  # bounded: a fleet rotating certificates for years
-                _serials.clear()
-            _serials[pem] = serial
-    return serial
+        facts = (format(cert.serial_number, "x"), cert.not_valid_after_utc.timestamp())
+        with _facts_lock:
+            if len(_facts) >= 10_000:  # bounded: a fleet rotating certificates for years
+                _facts.clear()
+            _facts[pem] = facts
+    return facts
 
 
 def _normalize_serial(token: str) -> str | None:
@@ -213,6 +227,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
                           "no fleetwatch identity: the client certificate must carry a URI SAN "
                           "spiffe://fleetwatch/device/<ID> or spiffe://fleetwatch/operator/<NAME>")
+        if peer_expired(context):
+            self.count("expired")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          f"the certificate of {identity.role} {identity.name!r} has expired "
+                          "(the connection outlived it): issue a new one")
         if self.revoked is not None and self.revoked.is_revoked(
                 identity, lambda: _peer_serial_hex(context)):
             self.count("revoked")

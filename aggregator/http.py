@@ -398,6 +398,12 @@ class HttpServer:
             self.ctx.ingestor.count_rejected("unauthenticated")
             raise HttpError(401, "no fleetwatch identity: the client certificate must carry a "
                             "URI SAN spiffe://fleetwatch/operator/<NAME>")
+        not_after = (peer_cert or {}).get("notAfter")
+        if not_after and time.time() > ssl.cert_time_to_seconds(not_after):
+            # The handshake checked expiry once; a keep-alive connection may outlive it.
+            self.ctx.ingestor.count_rejected("expired")
+            raise HttpError(401, f"the certificate of {identity.role} {identity.name!r} has "
+                            "expired: issue a new one")
         serial = (peer_cert or {}).get("serialNumber")
         if self.revoked is not None and self.revoked.is_revoked(
                 identity, lambda: format(int(serial, 16), "x") if serial else None):

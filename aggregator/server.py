@@ -56,7 +56,8 @@ class AggregatorConfig:
     # (50 features x 20 bins of noisy counts, a prediction histogram, 10-class labels, a KLL
     # sketch of 10k latencies, 32 labels of 64 characters, a signature) serializes to ~9.7 kB
     # (tests/integration/test_limits_e2e.py measures it): 256 KiB leaves a 25x margin. Larger
-    # envelopes are refused with RESOURCE_EXHAUSTED and counted as "oversize"; gRPC itself
+    # envelopes are refused with INVALID_ARGUMENT (final: the device dead-letters them rather
+    # than block its spool) and counted as "oversize"; gRPC itself
     # cuts messages above 2x this (grpc_receive_limit) before our code sees them, and those
     # are not counted (gRPC gives the server no hook for them).
     max_message_bytes: int = 256 << 10

@@ -287,3 +287,52 @@ def test_expired_certificates_can_be_made_for_tests(tmp_path: Path) -> None:
     past = datetime.datetime.now(UTC) - datetime.timedelta(days=10)
     issued = issue_device(tmp_path, "old", days=1, now=past)
     assert issued.not_after < datetime.datetime.now(UTC)
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """The part of a grpc.ServicerContext the interceptor reads (the TLS peer's certificate)."""
+
+    def __init__(self, cert_pem: bytes, uri: str) -> None:
+        self._auth = {"x509_pem_cert": [cert_pem], "peer_spiffe_id": [uri.encode()],
+                      "x509_subject_alternative_name": [uri.encode()]}
+        self.aborted: tuple[object, str] | None = None
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return self._auth
+
+    def peer_identities(self) -> list[bytes]:
+        return self._auth["x509_subject_alternative_name"]
+
+    def abort(self, code: object, details: str) -> None:
+        self.aborted = (code, details)
+        raise _Aborted(details)
+
+
+def test_a_certificate_that_expired_after_its_handshake_is_refused(tmp_path: Path) -> None:
+    """The TLS handshake checks expiry once; a connection open for days must not outlive its
+    certificate: every call checks the peer certificate's not-after."""
+    import grpc
+
+    from aggregator.auth import AuthInterceptor, peer_expired
+
+    init_ca(tmp_path)
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=2)
+    issue_device(tmp_path, "cam-old", days=1, now=past)       # expired a day ago
+    issue_device(tmp_path, "cam-new", days=1)
+    counted: list[str] = []
+    guard = AuthInterceptor(None, counted.append)
+    old = _Context((tmp_path / "devices" / "cam-old.pem").read_bytes(),
+                   "spiffe://fleetwatch/device/cam-old")
+    new = _Context((tmp_path / "devices" / "cam-new.pem").read_bytes(),
+                   "spiffe://fleetwatch/device/cam-new")
+    assert peer_expired(old) and not peer_expired(new)
+    with pytest.raises(_Aborted):
+        guard._check("/fleetwatch.v1.Ingest/Report", old)
+    assert old.aborted is not None and old.aborted[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert "expired" in old.aborted[1] and counted == ["expired"]
+    guard._check("/fleetwatch.v1.Ingest/Report", new)           # returns: allowed
+    assert new.aborted is None and counted == ["expired"]
