@@ -124,6 +124,9 @@ def _selector(params: Mapping[str, str], name: str = "cohort") -> dict[str, str]
         raise HttpError(400, f"{name}: {e} (expected k=v,k2=v2)") from None
 
 
+MAX_DURATION_S = 366 * 86400
+
+
 def _keys(params: Mapping[str, str], name: str) -> list[str]:
     keys = [k.strip() for k in params.get(name, "").split(",") if k.strip()]
     bad = [k for k in keys if "=" in k]
@@ -141,6 +144,8 @@ def _duration(params: Mapping[str, str], name: str, default: str) -> float:
                         ) from None
     if seconds <= 0:
         raise HttpError(400, f"{name}: must be positive, got {text!r}")
+    if seconds > MAX_DURATION_S:  # one request must stay one bounded piece of work
+        raise HttpError(400, f"{name}: at most {MAX_DURATION_S // 86400} days, got {text!r}")
     return seconds
 
 
@@ -149,14 +154,14 @@ def _time(params: Mapping[str, str], name: str) -> int:
     text = params.get(name, "").strip()
     if not text or text == "now":
         return 0
-    if re.fullmatch(r"\d+", text):
+    if re.fullmatch(r"\d{1,12}", text):
         return int(text)
     try:
         dt = datetime.fromisoformat(text)
-    except ValueError:
-        raise HttpError(400, f"{name}: {text!r} is neither Unix seconds nor an ISO-8601 time"
-                        ) from None
-    return int((dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp())
+        return int((dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp())
+    except (ValueError, OverflowError):
+        raise HttpError(400, f"{name}: {text!r} is neither Unix seconds (up to 12 digits) nor "
+                        "an ISO-8601 time") from None
 
 
 def _int(params: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
@@ -173,6 +178,8 @@ def _range(params: Mapping[str, str]) -> tuple[int, int]:
     end = _time(params, "until")
     since = _duration(params, "since", DEFAULT_SINCE)
     end_s = end or int(time.time())
+    if end_s - since <= 0:
+        raise HttpError(400, f"since: reaches before the epoch from until={end_s}")
     return int(end_s - since), end_s
 
 
@@ -467,6 +474,18 @@ class HttpServer:
         return 200, "text/html; charset=utf-8", page.encode()
 
 
+def _check_loopback_host(host: str) -> None:
+    """Without TLS the endpoint is loopback-only; a browser tricked by DNS rebinding would
+    still send another name in Host: refuse anything but a loopback name."""
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if name.strip("[]").lower() not in _LOOPBACK_NAMES:
+        raise HttpError(403, f"Host {host[:80]!r}: the plaintext endpoint answers loopback "
+                        "names only (127.0.0.1, localhost, [::1])")
+
+
+_LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 def _make_handler(server: HttpServer) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         server_version = "fleetwatch"
@@ -503,6 +522,8 @@ def _make_handler(server: HttpServer) -> type[http.server.BaseHTTPRequestHandler
             try:
                 if server.tls is not None:
                     server.authorize(self.connection.getpeercert())
+                else:
+                    _check_loopback_host(self.headers.get("Host", ""))
                 params = self._params(url.query)
                 status, content_type, body = server.answer(path, params)
             except Exception as e:

@@ -5,9 +5,10 @@
 
 Per cohort SLIs, drift, privacy state and telemetry cost are computed at scrape time with the
 same functions the Query API uses (`aggregator.query.cohort_health`, `cohort_privacy`) over
-the trailing ``range_s`` (whole windows, ending at the scrape), so a scraped value equals what
-``fleetwatch health --since RANGE`` answers for that cohort and range. The range scraped is
-itself exposed (``fleetwatch_metrics_range_{start,end}_seconds``).
+the trailing ``range_s`` (whole windows, ending at the last closed window at the scrape), so a
+scraped value equals what the Query API answers for that cohort over the range the scrape
+exposes (``fleetwatch_metrics_range_{start,end}_seconds``; `health --since RANGE` aligns its
+range outward and may hold one window more), latency quantiles within the KLL rank error.
 
 Cardinality is bounded by configuration: cohorts of the configured ``groupings`` only (default:
 the whole fleet plus each label key on its own, never every combination of keys), at most

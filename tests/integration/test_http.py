@@ -196,6 +196,10 @@ def test_api_models_alerts_and_explain(fleet: Fleet) -> None:
     ("/api/explain?metric=psi:nosuch", 400, "nosuch"),
     ("/metrics?x=1", 400, "takes no parameters"),
     ("/api/nothing", 404, "no such path"),
+    # one request stays one bounded piece of work; absurd numbers are 400s, not 500s
+    ("/api/health?since=" + "9" * 400 + "d", 400, "since: at most 366 days"),
+    ("/api/series?since=100000d", 400, "since: at most 366 days"),
+    ("/api/health?until=" + "9" * 23, 400, "until:"),
 ])
 def test_bad_requests_get_a_status_and_a_message(fleet: Fleet, path: str, status: int,
                                                  message: str) -> None:
@@ -289,3 +293,19 @@ def test_dashboard_pages_are_mounted(fleet: Fleet) -> None:
     assert status == 400 and "<h1>400</h1>" in page and "Traceback" not in page
     status, page = fleet.get("/alerts")
     assert status == 200 and "latency-p95" in page
+
+
+def test_plaintext_endpoint_refuses_other_host_names(fleet: Fleet) -> None:
+    """DNS rebinding: a web page whose name now points at 127.0.0.1 sends its own name in
+    Host; without TLS only loopback names are answered."""
+    url = f"http://127.0.0.1:{fleet.agg.http_port}/api/models"
+    for host, status in ((f"127.0.0.1:{fleet.agg.http_port}", 200),
+                         (f"localhost:{fleet.agg.http_port}", 200),
+                         ("attacker.example", 403), ("attacker.example:80", 403)):
+        request = urllib.request.Request(url, headers={"Host": host})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                got = r.status
+        except urllib.error.HTTPError as e:
+            got = e.code
+        assert got == status, host
