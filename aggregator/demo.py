@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -54,6 +54,7 @@ from aggregator.simulator import (
     reference_columns,
     run_fleet,
 )
+from aggregator.store.base import canonical_labels
 from protos import fleetwatch_pb2 as pb
 from protos import fleetwatch_pb2_grpc as pb_grpc
 
@@ -351,10 +352,6 @@ def run_demo(options: DemoOptions = DemoOptions(),
                       config=config)
 
 
-def _selector_text(selector: Mapping[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
-
-
 def demo_report(result: DemoResult, color: bool = False) -> str:
     """What `fleetwatch demo` prints: cohort health, the alerts firing at the end, and what
     was injected."""
@@ -368,13 +365,13 @@ def demo_report(result: DemoResult, color: bool = False) -> str:
              f"simulated minutes, {result.elapsed_s:.1f} s. Injected:"]
     if cfg.drift is not None:
         shifts = ", ".join(f"{k} {v:+.1f} sd" for k, v in cfg.drift.numeric_shift.items())
-        lines.append(f"  covariate drift in {_selector_text(cfg.drift.selector)} from minute "
+        lines.append(f"  covariate drift in {canonical_labels(cfg.drift.selector)} from minute "
                      f"{cfg.drift.start_minute} ({shifts}; "
                      f"{', '.join(cfg.drift.category_mix)} mix; "
                      f"{cfg.drift.label_flip:.0%} of labels contradict the model)")
     if cfg.incident is not None:
         until = f"to minute {cfg.incident.end_minute}" if cfg.incident.end_minute else "on"
-        lines.append(f"  latency incident in {_selector_text(cfg.incident.selector)} from "
+        lines.append(f"  latency incident in {canonical_labels(cfg.incident.selector)} from "
                      f"minute {cfg.incident.start_minute} {until} "
                      f"({cfg.incident.factor:g}x latency)")
     return "\n".join(lines)

@@ -53,6 +53,7 @@ from aggregator.alerts.rules import parse_duration
 from aggregator.auth import RevocationList
 from aggregator.certs import OPERATOR, Identity, parse_spiffe_id
 from aggregator.ingest import Ingestor
+from aggregator.loopback import is_loopback
 from aggregator.metrics import Metrics
 from aggregator.query import QueryError, cohort_health, cohort_privacy, resolve_range, resolve_spec
 from aggregator.render import alerts_json, health_json, privacy_json
@@ -478,12 +479,10 @@ def _check_loopback_host(host: str) -> None:
     """Without TLS the endpoint is loopback-only; a browser tricked by DNS rebinding would
     still send another name in Host: refuse anything but a loopback name."""
     name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    if name.strip("[]").lower() not in _LOOPBACK_NAMES:
+    if not is_loopback(name):
         raise HttpError(403, f"Host {host[:80]!r}: the plaintext endpoint answers loopback "
                         "names only (127.0.0.1, localhost, [::1])")
 
-
-_LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 def _make_handler(server: HttpServer) -> type[http.server.BaseHTTPRequestHandler]:

@@ -18,7 +18,6 @@ background thread and notifies the log and ``webhooks`` (docs/alerts.md).
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import math
 import pathlib
@@ -35,6 +34,7 @@ from aggregator.auth import AuthInterceptor, RevocationList
 from aggregator.http import HttpContext, server_ssl_context, start_http
 from aggregator.ingest import Ingestor
 from aggregator.keys import DeviceKeys
+from aggregator.loopback import is_loopback
 from aggregator.metrics import AlertCounter, Metrics, MetricsConfig
 from aggregator.notify import LogNotifier, MultiNotifier, Notifier, WebhookNotifier
 from aggregator.service import AdminService, IngestService, QueryService, ingest_handler
@@ -103,7 +103,7 @@ class AggregatorConfig:
         host, sep, port = self.listen.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ConfigError(f"listen: {self.listen!r} is not HOST:PORT")
-        if self.tls_dir is None and not _is_loopback(host):
+        if self.tls_dir is None and not is_loopback(host):
             raise ConfigError(
                 f"listen: {self.listen!r} is not a loopback address. Without TLS the "
                 "aggregator serves loopback only (127.0.0.1, ::1, localhost); serve other "
@@ -122,7 +122,7 @@ class AggregatorConfig:
             h_host, h_sep, h_port = self.http_listen.rpartition(":")
             if not h_sep or not h_port.isdigit() or not 0 <= int(h_port) <= 65535:
                 raise ConfigError(f"http_listen: {self.http_listen!r} is not HOST:PORT")
-            if self.tls_dir is None and not _is_loopback(h_host):
+            if self.tls_dir is None and not is_loopback(h_host):
                 raise ConfigError(
                     f"http_listen: {self.http_listen!r} is not a loopback address. Without TLS "
                     "the HTTP endpoint serves loopback only; with tls_dir (--tls-dir) it serves "
@@ -170,16 +170,6 @@ class AggregatorConfig:
 
 
 TLS_FILES = ("ca.pem", "server.pem", "server.key")
-
-
-def _is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass
