@@ -140,7 +140,7 @@ class FeatureHistogram(_message.Message):
     def __init__(self, name: _Optional[str] = ..., histogram: _Optional[_Union[Histogram, _Mapping]] = ...) -> None: ...
 
 class WindowReport(_message.Message):
-    __slots__ = ("device_id", "model", "model_version", "labels", "window_start_unix_s", "window_length_s", "seq", "spec_hash", "event_count", "error_count", "features", "prediction", "latency_kll", "late_event_count", "invalid_value_count", "unknown_feature_count", "spool_dropped_count", "created_unix_ms", "agent_version", "private_withheld", "epsilon_spent", "day_epsilon_spent", "clamped_event_count", "labeled_count", "confusion", "calibration", "residuals", "label_latency", "heartbeat", "labels_unmatched_count", "label_cache_evicted_count", "clamped_label_count")
+    __slots__ = ("device_id", "model", "model_version", "labels", "window_start_unix_s", "window_length_s", "seq", "spec_hash", "event_count", "error_count", "features", "prediction", "latency_kll", "late_event_count", "invalid_value_count", "unknown_feature_count", "spool_dropped_count", "created_unix_ms", "agent_version", "private_withheld", "epsilon_spent", "day_epsilon_spent", "clamped_event_count", "labeled_count", "confusion", "calibration", "residuals", "label_latency", "heartbeat", "labels_unmatched_count", "label_cache_evicted_count", "clamped_label_count", "merged", "contributions")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +180,8 @@ class WindowReport(_message.Message):
     LABELS_UNMATCHED_COUNT_FIELD_NUMBER: _ClassVar[int]
     LABEL_CACHE_EVICTED_COUNT_FIELD_NUMBER: _ClassVar[int]
     CLAMPED_LABEL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MERGED_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     model: str
     model_version: str
@@ -212,7 +214,21 @@ class WindowReport(_message.Message):
     labels_unmatched_count: int
     label_cache_evicted_count: int
     clamped_label_count: int
-    def __init__(self, device_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., window_start_unix_s: _Optional[int] = ..., window_length_s: _Optional[int] = ..., seq: _Optional[int] = ..., spec_hash: _Optional[str] = ..., event_count: _Optional[int] = ..., error_count: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureHistogram, _Mapping]]] = ..., prediction: _Optional[_Union[Histogram, _Mapping]] = ..., latency_kll: _Optional[bytes] = ..., late_event_count: _Optional[int] = ..., invalid_value_count: _Optional[int] = ..., unknown_feature_count: _Optional[int] = ..., spool_dropped_count: _Optional[int] = ..., created_unix_ms: _Optional[int] = ..., agent_version: _Optional[str] = ..., private_withheld: _Optional[bool] = ..., epsilon_spent: _Optional[float] = ..., day_epsilon_spent: _Optional[float] = ..., clamped_event_count: _Optional[int] = ..., labeled_count: _Optional[int] = ..., confusion: _Optional[_Union[Histogram, _Mapping]] = ..., calibration: _Optional[_Union[Histogram, _Mapping]] = ..., residuals: _Optional[_Union[Histogram, _Mapping]] = ..., label_latency: _Optional[_Union[Histogram, _Mapping]] = ..., heartbeat: _Optional[bool] = ..., labels_unmatched_count: _Optional[int] = ..., label_cache_evicted_count: _Optional[int] = ..., clamped_label_count: _Optional[int] = ...) -> None: ...
+    merged: Summary
+    contributions: _containers.RepeatedCompositeFieldContainer[Contribution]
+    def __init__(self, device_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., window_start_unix_s: _Optional[int] = ..., window_length_s: _Optional[int] = ..., seq: _Optional[int] = ..., spec_hash: _Optional[str] = ..., event_count: _Optional[int] = ..., error_count: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureHistogram, _Mapping]]] = ..., prediction: _Optional[_Union[Histogram, _Mapping]] = ..., latency_kll: _Optional[bytes] = ..., late_event_count: _Optional[int] = ..., invalid_value_count: _Optional[int] = ..., unknown_feature_count: _Optional[int] = ..., spool_dropped_count: _Optional[int] = ..., created_unix_ms: _Optional[int] = ..., agent_version: _Optional[str] = ..., private_withheld: _Optional[bool] = ..., epsilon_spent: _Optional[float] = ..., day_epsilon_spent: _Optional[float] = ..., clamped_event_count: _Optional[int] = ..., labeled_count: _Optional[int] = ..., confusion: _Optional[_Union[Histogram, _Mapping]] = ..., calibration: _Optional[_Union[Histogram, _Mapping]] = ..., residuals: _Optional[_Union[Histogram, _Mapping]] = ..., label_latency: _Optional[_Union[Histogram, _Mapping]] = ..., heartbeat: _Optional[bool] = ..., labels_unmatched_count: _Optional[int] = ..., label_cache_evicted_count: _Optional[int] = ..., clamped_label_count: _Optional[int] = ..., merged: _Optional[_Union[Summary, _Mapping]] = ..., contributions: _Optional[_Iterable[_Union[Contribution, _Mapping]]] = ...) -> None: ...
+
+class Contribution(_message.Message):
+    __slots__ = ("device_id", "reports", "withheld", "max_day_epsilon")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    WITHHELD_FIELD_NUMBER: _ClassVar[int]
+    MAX_DAY_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    reports: int
+    withheld: int
+    max_day_epsilon: float
+    def __init__(self, device_id: _Optional[str] = ..., reports: _Optional[int] = ..., withheld: _Optional[int] = ..., max_day_epsilon: _Optional[float] = ...) -> None: ...
 
 class ReportEnvelope(_message.Message):
     __slots__ = ("report", "signature", "key_id")

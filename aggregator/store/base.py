@@ -11,8 +11,9 @@ from agent.spec import Spec
 from agent.summary import Summary
 from agent.wire import ReportMeta
 
-__all__ = ["REORDER_WINDOW", "AlertRecord", "IngestOutcome", "LabelSet", "PrivacyStats", "Store",
-           "canonical_labels", "parse_labels", "rollup_resolutions", "time_cover"]
+__all__ = ["REORDER_WINDOW", "AlertRecord", "Contribution", "IngestOutcome", "LabelSet",
+           "PrivacyStats", "Store", "canonical_labels", "parse_labels", "rollup_resolutions",
+           "time_cover"]
 
 DAY_S = 86400
 HOUR_S = 3600
@@ -39,6 +40,29 @@ class PrivacyStats:
     reports_withheld: int
     max_day_epsilon: float
     mean_day_epsilon: float      # mean over devices of each device's largest daily spend
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One device's share of a stored report.
+
+    A device's own report is one contribution: (its device id, 1 report, withheld 0 or 1, its
+    day_epsilon_spent). A report forwarded by a regional aggregator (`WindowReport.merged`)
+    holds one per device that reported into it, so that the tier above counts devices,
+    availability and privacy spend exactly as if every device had reported to it directly.
+    Device counts and privacy stats are computed from contributions, never from the sender
+    of a report (a regional aggregator is one sender for thousands of devices)."""
+
+    device_id: str
+    reports: int = 1
+    withheld: int = 0
+    max_day_epsilon: float = 0.0
+
+    @staticmethod
+    def of(meta: ReportMeta) -> Contribution:
+        """A device report's own contribution."""
+        return Contribution(meta.device_id, 1, int(meta.private_withheld),
+                            meta.day_epsilon_spent)
 
 
 @dataclass(frozen=True)
@@ -132,11 +156,14 @@ class Store(Protocol):
     def list_specs(self, model: str = "") -> list[Spec]: ...
 
     def ingest(self, meta: ReportMeta, envelope: bytes, summary: Summary,
-               resolutions: tuple[int, ...]) -> IngestOutcome:
+               resolutions: tuple[int, ...],
+               contributions: Sequence[Contribution] | None = None) -> IngestOutcome:
         """Deduplicate on (device_id, seq), refuse seqs below the device's high-water mark
         minus REORDER_WINDOW (REPLAYED), store the raw envelope, merge the summary into every
-        resolution's rollup and raise the high-water mark, all in one transaction (which may
-        hold other callers' reports too), and return only once it is durably committed."""
+        resolution's rollup, record the contributions (None: the report's own,
+        `Contribution.of(meta)`) for device counts and privacy stats, and raise the
+        high-water mark, all in one transaction (which may hold other callers' reports too),
+        and return only once it is durably committed."""
         ...
 
     def label_sets(self, spec_hash: str) -> list[LabelSet]: ...
@@ -152,13 +179,34 @@ class Store(Protocol):
 
     def device_count(self, spec_hash: str, label_set_ids: Iterable[int], start: int,
                      end: int) -> int:
-        """Distinct devices with a report of these label sets whose window starts in
-        [start, end). Exact, never an estimate: availability divides two of these counts,
-        and a fully reporting fleet must read exactly 1."""
+        """Distinct devices with a contribution to a report of these label sets whose window
+        starts in [start, end). Exact, never an estimate: availability divides two of these
+        counts, and a fully reporting fleet must read exactly 1."""
         ...
 
     def privacy_stats(self, spec_hash: str, label_set_ids: Iterable[int], start: int,
-                      end: int) -> PrivacyStats: ...
+                      end: int) -> PrivacyStats:
+        """Per device (by contribution, as in `device_count`) over the range: reports,
+        withheld reports, the largest day spend."""
+        ...
+
+    # -- several replicas on one database ------------------------------------------------------
+
+    def sender_activity(self, spec_hash: str, received_since_ms: int
+                        ) -> dict[str, tuple[int, int]]:
+        """Per sender (the report's device_id: a device, or a regional aggregator) with a
+        report of the spec received (wall clock, ms) at or after ``received_since_ms``: (its
+        newest window start, when its last report was received in ms). The alert evaluator's
+        watermark, read from the database so that the replica that leads alerting sees the
+        reports every replica accepted."""
+        ...
+
+    def try_lead(self, role: str) -> bool:
+        """Whether this process holds (or now takes) the lease of ``role`` (e.g. "alerts"):
+        among replicas sharing one database at most one holds it at any time, and when its
+        holder dies another can take it within a bounded time. An embedded single-process
+        store always leads. Called often (every evaluator tick): cheap when already held."""
+        ...
 
     # -- alerting (aggregator.alerts.evaluator) -------------------------------------------------
 

@@ -635,6 +635,10 @@ class SqliteStore:
             threshold=math.nan if r[11] is None else r[11], starts_at_s=r[12], ends_at_s=r[13],
             labels=json.loads(r[14]), annotations=json.loads(r[15])) for r in rows]
 
+    def try_lead(self, role: str) -> bool:
+        """One process owns a SQLite file: it always leads."""
+        return True
+
     def close(self) -> None:
         with self._write_lock:
             for db in self._readers:
