@@ -245,7 +245,8 @@ class Monitor:
         spool_path = pathlib.Path(spool_dir) if spool_dir else _default_spool_dir(device_id)
         self.spool = Spool(spool_path / "spool.sqlite", max_reports=max_spool_reports,
                            max_bytes=max_spool_bytes)
-        self._uploader = Uploader(self.spool, self._channel, rpc_timeout_s=rpc_timeout_s)
+        self._uploader = Uploader(self.spool, self._channel, rpc_timeout_s=rpc_timeout_s,
+                                  rebuild=self._renumbered)
         self._backoff = Backoff(backoff_base_s, backoff_cap_s)
         self._next_attempt = 0.0
         self._deliver_lock = threading.Lock()
@@ -658,6 +659,15 @@ class Monitor:
                 self._heartbeat_count += 1
             else:
                 self._windows_closed += 1
+
+    def _renumbered(self, payload: bytes, seq: int) -> bytes:
+        """A spooled envelope with its report's seq replaced (signed again when signing)."""
+        report = pb.WindowReport.FromString(pb.ReportEnvelope.FromString(payload).report)
+        report.seq = seq
+        data = report.SerializeToString()
+        if self._signer is not None:
+            return self._signer.envelope(data)
+        return pb.ReportEnvelope(report=data).SerializeToString()
 
     def _release(self, acc: WindowAccumulator, summary: Summary) -> Release | None:
         """Clamp, ask the accountant, and noise the private histograms (None: no noise)."""

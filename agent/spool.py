@@ -166,6 +166,35 @@ class Spool:
                 (limit,)).fetchall()
         return [SpooledReport(seq, ws, bytes(p)) for seq, ws, p in rows]
 
+    def renumber_above(self, mark: int, rebuild: Callable[[bytes, int], bytes]) -> int:
+        """Give every pending report a new seq above ``mark`` (and above any seq handed out),
+        in order, rebuilding each payload with ``rebuild(payload, new_seq)``; the next report
+        continues after them. One transaction: a crash leaves either the old numbers or the
+        new ones. Returns how many were renumbered.
+
+        For a device that lost its spool (it restarted at seq 1) and is told by the
+        aggregator that its seqs are below the high-water mark of its earlier life."""
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                rows = cur.execute("SELECT seq, payload FROM outbox ORDER BY seq").fetchall()
+                first = max(mark + 1, self._get(cur, "next_seq", 1))
+                if rows and rows[-1][0] >= first:  # keep the new numbers clear of the old
+                    first = rows[-1][0] + 1
+                for i, (seq, payload) in enumerate(rows):
+                    cur.execute("UPDATE outbox SET seq = ?, payload = ? WHERE seq = ?",
+                                (first + i, rebuild(bytes(payload), first + i), seq))
+                self._set(cur, "next_seq", first + len(rows))
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+        if rows:
+            logger.warning("renumbered %d pending report(s) from seq %d: the aggregator's mark "
+                           "for this device is %d (was its spool lost?)", len(rows), first, mark)
+        return len(rows)
+
     def ack(self, seq: int) -> None:
         with self._lock:
             self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))

@@ -12,6 +12,7 @@ import enum
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -68,8 +69,12 @@ class Backoff:
 class Uploader:
     """Sends pending envelopes over one gRPC channel."""
 
-    def __init__(self, spool: Spool, channel: grpc.Channel, *, rpc_timeout_s: float = 10.0) -> None:
+    def __init__(self, spool: Spool, channel: grpc.Channel, *, rpc_timeout_s: float = 10.0,
+                 rebuild: Callable[[bytes, int], bytes] | None = None) -> None:
+        """``rebuild(payload, seq)``: the payload renumbered (and signed again), for the
+        aggregator's STALE_SEQ answer; without it such a report is let go, as before."""
         self.spool = spool
+        self.rebuild = rebuild
         self.rpc_timeout_s = rpc_timeout_s
         self._send = channel.unary_unary(
             REPORT_METHOD,
@@ -79,6 +84,7 @@ class Uploader:
         self.sent = 0
         self.duplicates = 0
         self.refused = 0
+        self.renumbered = 0
         self.last_error: str | None = None
 
     def deliver(self, deadline: float | None = None) -> DeliveryResult:
@@ -110,6 +116,13 @@ class Uploader:
                     logger.info("delivery of seq=%d failed (%s: %s); will retry", item.seq,
                                 code, detail)
                     return DeliveryResult.RETRY_LATER
+                if (resp.status == pb.ReportResponse.STALE_SEQ and self.rebuild is not None
+                        and resp.high_water_mark >= item.seq):
+                    # Our seqs restarted below our earlier life's (a lost spool): nothing of
+                    # this report was merged. Renumber everything pending and start over.
+                    self.renumbered += self.spool.renumber_above(resp.high_water_mark,
+                                                                 self.rebuild)
+                    break
                 if resp.status == pb.ReportResponse.DUPLICATE:
                     self.duplicates += 1
                 else:

@@ -95,10 +95,20 @@ class IngestService:
             outcome = self.ingestor.ingest(request, _peer_device_id(context))
         except Exception as e:  # mapped to a status; never kills the server
             _abort(context, e)
-        # A replay is acknowledged like a duplicate: never merged, and the sender lets go.
+        if outcome is IngestOutcome.REPLAYED:
+            # Never merged. The mark tells an honest device that lost its spool where to
+            # continue (a replayer learns nothing it could use: the mark only grows).
+            return pb.ReportResponse(status=pb.ReportResponse.STALE_SEQ,
+                                     high_water_mark=self._high_water_mark(request))
         status = (pb.ReportResponse.ACCEPTED if outcome is IngestOutcome.ACCEPTED
                   else pb.ReportResponse.DUPLICATE)
         return pb.ReportResponse(status=status)
+
+    def _high_water_mark(self, envelope_bytes: bytes) -> int:
+        # The envelope parsed and verified in `ingest`: parsing it again is cheaper than
+        # threading the device id through, and replays are rare.
+        report = pb.WindowReport.FromString(pb.ReportEnvelope.FromString(envelope_bytes).report)
+        return self.store.high_water_mark(report.device_id) or 0
 
     def GetSpec(self, request: pb.GetSpecRequest, context: grpc.ServicerContext) -> pb.Spec:
         spec = self.store.get_spec(request.model, request.model_version, request.hash)

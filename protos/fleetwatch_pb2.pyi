@@ -293,20 +293,24 @@ class Summary(_message.Message):
     def __init__(self, report_count: _Optional[int] = ..., event_count: _Optional[int] = ..., error_count: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureHistogram, _Mapping]]] = ..., prediction: _Optional[_Union[Histogram, _Mapping]] = ..., latency_kll: _Optional[bytes] = ..., late_event_count: _Optional[int] = ..., invalid_value_count: _Optional[int] = ..., unknown_feature_count: _Optional[int] = ..., spool_dropped_count: _Optional[int] = ..., noise_variance_per_bin: _Optional[float] = ..., withheld_report_count: _Optional[int] = ..., histogram_event_count: _Optional[int] = ..., clamped_event_count: _Optional[int] = ..., labeled_count: _Optional[int] = ..., confusion: _Optional[_Union[Histogram, _Mapping]] = ..., calibration: _Optional[_Union[Histogram, _Mapping]] = ..., residuals: _Optional[_Union[Histogram, _Mapping]] = ..., label_latency: _Optional[_Union[Histogram, _Mapping]] = ..., heartbeat_count: _Optional[int] = ..., labels_unmatched_count: _Optional[int] = ..., label_cache_evicted_count: _Optional[int] = ..., clamped_label_count: _Optional[int] = ..., label_histogram_count: _Optional[int] = ...) -> None: ...
 
 class ReportResponse(_message.Message):
-    __slots__ = ("status", "seq")
+    __slots__ = ("status", "seq", "high_water_mark")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATUS_UNSPECIFIED: _ClassVar[ReportResponse.Status]
         ACCEPTED: _ClassVar[ReportResponse.Status]
         DUPLICATE: _ClassVar[ReportResponse.Status]
+        STALE_SEQ: _ClassVar[ReportResponse.Status]
     STATUS_UNSPECIFIED: ReportResponse.Status
     ACCEPTED: ReportResponse.Status
     DUPLICATE: ReportResponse.Status
+    STALE_SEQ: ReportResponse.Status
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    HIGH_WATER_MARK_FIELD_NUMBER: _ClassVar[int]
     status: ReportResponse.Status
     seq: int
-    def __init__(self, status: _Optional[_Union[ReportResponse.Status, str]] = ..., seq: _Optional[int] = ...) -> None: ...
+    high_water_mark: int
+    def __init__(self, status: _Optional[_Union[ReportResponse.Status, str]] = ..., seq: _Optional[int] = ..., high_water_mark: _Optional[int] = ...) -> None: ...
 
 class GetSpecRequest(_message.Message):
     __slots__ = ("model", "model_version", "hash")

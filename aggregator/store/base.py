@@ -166,6 +166,11 @@ class Store(Protocol):
         and return only once it is durably committed."""
         ...
 
+    def high_water_mark(self, device_id: str) -> int | None:
+        """The highest seq merged for the sender, None if none (told to a device whose seq
+        was taken for a replay, so that it renumbers above it)."""
+        ...
+
     def label_sets(self, spec_hash: str) -> list[LabelSet]: ...
 
     def model_label_sets(self, model: str) -> list[LabelSet]:

@@ -125,6 +125,51 @@ def test_a_signed_monitor_delivers_end_to_end(signed_aggregator, pki: Path, spec
                   window_base + 3 * WINDOW_S) == total
 
 
+def test_a_device_that_lost_its_spool_renumbers_above_its_mark(
+        signed_aggregator, pki: Path, spec: Spec, window_base: int, cohort_rpc,
+        tmp_path: Path) -> None:
+    """A wiped spool restarts the device at seq 1, far below the mark of its earlier life:
+    the aggregator answers STALE_SEQ with the mark, and the agent renumbers its pending
+    reports above it (signed again) instead of losing them as replays."""
+    key = issue_keys(pki, "cam-7")
+    # The device's earlier life: its last report merged at seq 50,000.
+    earlier = build_report(spec, window_base - 10 * WINDOW_S, device="cam-7", seq=50_000, n=5)
+    with grpc.insecure_channel(signed_aggregator.target) as ch:
+        rpc = ch.unary_unary("/fleetwatch.v1.Ingest/Report", request_serializer=lambda b: b,
+                             response_deserializer=pb.ReportResponse.FromString)
+        assert rpc(signed(key, earlier, "cam-7"), timeout=10).status == \
+            pb.ReportResponse.ACCEPTED
+    clock = SimClock(window_base + 1.0)
+    mon = Monitor(spec.model, spec.model_version, "cam-7", labels={"region": "eu"},
+                  aggregator=signed_aggregator.target, spool_dir=tmp_path / "fresh-spool",
+                  clock=clock, background=False, grace_s=0.0,
+                  signing_key=pki / "devices" / "cam-7.sign.key")
+    rng = np.random.default_rng(5)
+    total = 0
+    try:
+        for w in range(3):
+            n = 30 + w
+            clock.t = window_base + w * WINDOW_S + 5.0
+            mon.observe_batch({"temp": rng.normal(0, 1, n), "speed": rng.exponential(20, n),
+                               "scene": rng.choice(SCENES, n)},
+                              predictions=rng.uniform(0, 1, n),
+                              latency_ms=rng.lognormal(3, 0.5, n))
+            total += n
+        clock.t = window_base + 3 * WINDOW_S + 1.0
+        assert mon.flush(timeout_s=20.0) is True
+        stats = mon.stats().spool
+        assert stats.pending == 0 and stats.next_seq == 50_004  # continues above the mark
+        assert mon._uploader.renumbered == 3
+    finally:
+        mon.close(timeout_s=5.0)
+    ing = signed_aggregator.ingestor
+    assert ing.accepted == 4 and dict(ing.rejected) == {"replayed": 1}
+    assert signed_aggregator.store.high_water_mark("cam-7") == 50_003
+    # Every window's events merged once (the STALE_SEQ answer merged nothing).
+    assert events(cohort_rpc, signed_aggregator, window_base,
+                  window_base + 3 * WINDOW_S) == total
+
+
 def _flip(b: bytes, i: int = 0) -> bytes:
     return b[:i] + bytes([b[i] ^ 1]) + b[i + 1:]
 
@@ -211,9 +256,9 @@ def test_a_seq_far_below_the_high_water_mark_is_a_replay(
         # Within the reorder window (10,000 below the mark): merged normally.
         assert send(signed(key, build_report(spec, ws[1], seq=12_000, n=7)),
                     timeout=10).status == pb.ReportResponse.ACCEPTED
-        # Further below and never seen: acknowledged as a duplicate, not merged, counted.
-        assert send(signed(key, build_report(spec, ws[2], seq=5, n=9)),
-                    timeout=10).status == pb.ReportResponse.DUPLICATE
+        # Further below and never seen: not merged, counted; the answer carries the mark.
+        resp = send(signed(key, build_report(spec, ws[2], seq=5, n=9)), timeout=10)
+        assert resp.status == pb.ReportResponse.STALE_SEQ and resp.high_water_mark == 20_000
         assert agg.ingestor.rejected["replayed"] == 1 and agg.ingestor.accepted == 2
         assert agg.store.high_water_mark("cam-1") == 20_000
         assert events(cohort_rpc, agg, ws[0], ws[3]) == 57
@@ -221,7 +266,7 @@ def test_a_seq_far_below_the_high_water_mark_is_a_replay(
     with start_aggregator(db, signing_keys_dir=pki, push=False) as agg:
         send = report_rpc(agg.target)
         assert send(signed(key, build_report(spec, ws[3], seq=9_000, n=11)),
-                    timeout=10).status == pb.ReportResponse.DUPLICATE
+                    timeout=10).status == pb.ReportResponse.STALE_SEQ
         assert dict(agg.ingestor.rejected) == {"replayed": 1}
         assert events(cohort_rpc, agg, ws[0], ws[3] + WINDOW_S) == 57
 
