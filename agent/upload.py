@@ -20,7 +20,7 @@ import grpc
 from agent.spool import Spool
 from protos import fleetwatch_pb2 as pb
 
-__all__ = ["Backoff", "DeliveryResult", "Uploader", "REPORT_METHOD"]
+__all__ = ["LABEL_LIMIT_REFUSAL", "REPORT_METHOD", "Backoff", "DeliveryResult", "Uploader"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,10 @@ _PERMANENT = {grpc.StatusCode.INVALID_ARGUMENT}
 # gRPC's own size limit answers RESOURCE_EXHAUSTED, like overload; only its text tells them
 # apart. A report over it will never get through: retrying would block the spool behind it.
 _TOO_LARGE = "larger than max"
+# The aggregator's refusal of a label value (or key) past its model's cardinality limit:
+# RESOURCE_EXHAUSTED, so raising the limit lets the report through later; but it concerns
+# this report's labels only, so the reports behind it (other label sets) are sent meanwhile.
+LABEL_LIMIT_REFUSAL = "label cardinality limit"
 
 
 def is_permanent(code: grpc.StatusCode | None, detail: str | None) -> bool:
@@ -90,10 +94,12 @@ class Uploader:
     def deliver(self, deadline: float | None = None) -> DeliveryResult:
         """Send pending reports in seq order until none is left, one fails, or the deadline
         (a `time.monotonic()` value) passes."""
+        skipped: set[int] = set()  # refused for their labels in this pass: retried later
         while True:
-            batch = self.spool.pending(limit=64)
+            batch = [item for item in self.spool.pending(limit=64 + len(skipped))
+                     if item.seq not in skipped]
             if not batch:
-                return DeliveryResult.EMPTY
+                return DeliveryResult.RETRY_LATER if skipped else DeliveryResult.EMPTY
             for item in batch:
                 timeout = self.rpc_timeout_s
                 if deadline is not None:
@@ -115,6 +121,10 @@ class Uploader:
                     self.last_error = f"{code}: {detail}"
                     logger.info("delivery of seq=%d failed (%s: %s); will retry", item.seq,
                                 code, detail)
+                    if (code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                            and LABEL_LIMIT_REFUSAL in (detail or "")):
+                        skipped.add(item.seq)  # not head-of-line: the rest may go through
+                        continue
                     return DeliveryResult.RETRY_LATER
                 if (resp.status == pb.ReportResponse.STALE_SEQ and self.rebuild is not None
                         and resp.high_water_mark >= item.seq):

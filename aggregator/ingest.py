@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 
 from agent.errors import ConfigError, SketchError, ValidationError
 from agent.spec import Spec
+from agent.upload import LABEL_LIMIT_REFUSAL
 from aggregator.keys import DeviceKeys
 from aggregator.store.base import IngestOutcome, Store, canonical_labels, rollup_resolutions
 from aggregator.validate import ClockSkewError, Limits, validate_report
@@ -214,7 +215,7 @@ class Ingestor:
         if new_keys and len(known) + len(new_keys) > self.limits.max_label_keys_per_model:
             raise self._reject(
                 "too_many_label_keys", "labels",
-                f"model {model[:64]!r} has {len(known)} label keys (limit "
+                f"{LABEL_LIMIT_REFUSAL}: model {model[:64]!r} has {len(known)} label keys (limit "
                 f"{self.limits.max_label_keys_per_model}); new key {new_keys[0][:40]!r} refused",
                 ResourceExhausted)
         for k, v in labels.items():
@@ -222,7 +223,8 @@ class Ingestor:
             if v not in values and len(values) >= self.limits.max_label_values_per_key:
                 raise self._reject(
                     "too_many_label_values", "labels",
-                    f"label {k[:40]!r} of model {model[:64]!r} has {len(values)} distinct "
+                    f"{LABEL_LIMIT_REFUSAL}: label {k[:40]!r} of model {model[:64]!r} has "
+                    f"{len(values)} distinct "
                     f"values (limit {self.limits.max_label_values_per_key}); new value "
                     f"{v[:40]!r} refused (not folded into another cohort)", ResourceExhausted)
 

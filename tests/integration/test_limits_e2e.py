@@ -298,3 +298,33 @@ def test_stats_cli_unreachable(capsys) -> None:
     assert main(["stats", "--aggregator", f"127.0.0.1:{pick_free_port()}",
                  "--timeout", "1"]) == 1
     assert "cannot reach an aggregator" in capsys.readouterr().err
+
+
+def test_a_report_refused_for_its_labels_does_not_block_the_spool_behind_it(
+        start_aggregator, tmp_path: Path, spec, window_base: int) -> None:
+    """The label-cardinality refusal is RESOURCE_EXHAUSTED (retried: raising the limit lets
+    it through), but it concerns that report's labels only: the uploader keeps it and sends
+    the reports queued behind it, instead of waiting head-of-line."""
+    from agent.spool import Spool
+    from agent.upload import DeliveryResult, Uploader
+
+    limits = Limits(max_label_values_per_key=1)
+    spool = Spool(tmp_path / "spool.sqlite")
+    # The device's labels changed while reports were queued: seq 2 has a new region.
+    for labels in ({"region": "eu"}, {"region": "mars"}, {"region": "eu"}, {"region": "eu"}):
+        spool.enqueue(window_base, lambda s, _d, labels=labels: envelope(
+            spec, s, window_base, labels))
+    with start_aggregator(tmp_path / "agg.sqlite", limits=limits) as agg, \
+            grpc.insecure_channel(agg.target) as channel:
+        up = Uploader(spool, channel)
+        assert up.deliver() is DeliveryResult.RETRY_LATER   # one is still refused
+        assert [i.seq for i in spool.pending()] == [2]      # ... and kept, not dead-lettered
+        assert (up.sent, spool.stats().dead_letters) == (3, 0)
+        assert dict(stats(agg.target).rejected) == {"too_many_label_values": 1}
+    # The operator raises the limit: the kept report goes through on the next attempt.
+    with start_aggregator(tmp_path / "agg.sqlite", limits=Limits(max_label_values_per_key=2),
+                          push=False) as agg, grpc.insecure_channel(agg.target) as channel:
+        up = Uploader(spool, channel)
+        assert up.deliver() is DeliveryResult.EMPTY
+        assert up.sent == 1 and spool.stats().pending == 0
+    spool.close()
