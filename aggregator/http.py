@@ -76,6 +76,9 @@ DEFAULT_SINCE = "1h"
 DEFAULT_STEP = "1m"
 HANDSHAKE_TIMEOUT_S = 10.0
 REQUEST_TIMEOUT_S = 60.0
+# Connections served at once (a thread each); more are closed at once, counted
+# `http_connections` in the refusals.
+MAX_CONNECTIONS = 64
 
 
 @dataclass(frozen=True)
@@ -362,8 +365,10 @@ class HttpServer:
     """A `ThreadingHTTPServer` in a daemon thread; ``port`` is the bound port."""
 
     def __init__(self, host: str, port: int, ctx: HttpContext, metrics: Metrics | None,
-                 tls: ssl.SSLContext | None = None, revoked: RevocationList | None = None
-                 ) -> None:
+                 tls: ssl.SSLContext | None = None, revoked: RevocationList | None = None,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections: must be at least 1, got {max_connections}")
         self.ctx = ctx
         self.metrics = metrics
         self.tls = tls
@@ -371,9 +376,34 @@ class HttpServer:
         handler = _make_handler(self)
         family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
 
+        slots = threading.BoundedSemaphore(max_connections)
+        counter = ctx.ingestor.count_rejected
+
         class _Server(http.server.ThreadingHTTPServer):
             address_family = family
             daemon_threads = True
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                # A thread per connection, but a bounded number of them: past the bound a
+                # connection is closed at once (a client retries) instead of costing a
+                # thread and its memory each.
+                if not slots.acquire(blocking=False):
+                    counter("http_connections")
+                    logger.warning("http: %d connections open; refused one from %s",
+                                   max_connections, client_address[0])
+                    self.shutdown_request(request)
+                    return
+                try:
+                    super().process_request(request, client_address)
+                except BaseException:
+                    slots.release()
+                    raise
+
+            def process_request_thread(self, request: Any, client_address: Any) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    slots.release()
 
             def handle_error(self, request: Any, client_address: Any) -> None:
                 # Failed TLS handshakes and dropped connections: not worth a traceback.

@@ -309,3 +309,36 @@ def test_plaintext_endpoint_refuses_other_host_names(fleet: Fleet) -> None:
         except urllib.error.HTTPError as e:
             got = e.code
         assert got == status, host
+
+
+def test_connections_past_the_bound_are_closed_not_queued(fleet: Fleet) -> None:
+    """A thread per connection, at most `max_connections` of them: idle connections that hold
+    every slot make the next one close at once (counted), and a freed slot serves again."""
+    import socket
+
+    from aggregator.http import HttpContext, HttpServer
+    agg = fleet.agg
+    server = HttpServer("127.0.0.1", 0, HttpContext(agg.store, None, agg.ingestor), None,
+                        max_connections=2)
+    server.start()
+    before = agg.ingestor.stats().rejected.get("http_connections", 0)
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(2)]
+    try:
+        time.sleep(0.3)  # both accepted: their threads wait for a request line
+        extra = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        try:
+            extra.sendall(b"GET /api/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = extra.recv(100)
+        except (ConnectionResetError, BrokenPipeError):  # closed with our request unread
+            answer = b""
+        assert answer == b""   # closed without an answer
+        extra.close()
+        assert agg.ingestor.stats().rejected["http_connections"] == before + 1
+        idle.pop().close()
+        time.sleep(0.3)
+        status, body = get(f"http://127.0.0.1:{server.port}/api/models")
+        assert status == 200 and body["models"]
+    finally:
+        for s in idle:
+            s.close()
+        server.close()
