@@ -170,9 +170,13 @@ def spec_from_proto(msg: pb.Spec) -> Spec:
 # -- summaries -----------------------------------------------------------------------------------
 
 def _fill_summary(msg: pb.WindowReport | pb.Summary, s: Summary) -> None:
+    add = msg.features.add
     for name, counts in s.features.items():
-        msg.features.append(pb.FeatureHistogram(name=name,
-                                                histogram=pb.Histogram(counts=counts.tolist())))
+        # add() + slice assignment: ~3x faster than building each message and appending it
+        # (the aggregator encodes a rollup row per touched bucket per batch: docs/performance.md)
+        f = add()
+        f.name = name
+        f.histogram.counts[:] = counts.tolist()
     if s.prediction is not None:
         msg.prediction.counts.extend(s.prediction.tolist())
     for name, counts in s.label_histograms().items():

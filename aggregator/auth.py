@@ -6,6 +6,8 @@ and not expired. This module reads the peer's identity from the certificate's SP
 the common name is never trusted), refuses revoked peers, and enforces the roles:
 
     device      /fleetwatch.v1.Ingest/Report, /fleetwatch.v1.Ingest/GetSpec
+    aggregator  /fleetwatch.v1.Ingest/Report, /fleetwatch.v1.Ingest/GetSpec (a regional tier
+                forwarding merged reports; `IngestService.Report` takes only those from it)
     operator    /fleetwatch.v1.Query/*, /fleetwatch.v1.Admin/*
 
 Refusals, each counted by reason: no recognizable identity -> UNAUTHENTICATED
@@ -28,7 +30,7 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-from aggregator.certs import DEVICE, OPERATOR, Identity, parse_spiffe_id
+from aggregator.certs import AGGREGATOR, DEVICE, OPERATOR, Identity, parse_spiffe_id
 
 __all__ = ["AuthInterceptor", "RevocationList", "allowed", "peer_identity"]
 
@@ -45,7 +47,7 @@ _SAN_KEYS = ("peer_spiffe_id", "x509_subject_alternative_name")
 
 def allowed(identity: Identity, method: str) -> bool:
     """Whether this role may call this full method name."""
-    if identity.role == DEVICE:
+    if identity.role in (DEVICE, AGGREGATOR):
         return method in DEVICE_METHODS
     if identity.role == OPERATOR:
         return method.startswith(OPERATOR_PREFIXES)
@@ -241,8 +243,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
                           f"the certificate of {identity.role} {identity.name!r} is revoked")
         if not allowed(identity, method):
             self.count("permission_denied")
-            what = ("devices may call only Ingest/Report and Ingest/GetSpec"
-                    if identity.role == DEVICE else "operators may call only Query and Admin")
+            what = (f"{identity.role}s may call only Ingest/Report and Ingest/GetSpec"
+                    if identity.role in (DEVICE, AGGREGATOR)
+                    else "operators may call only Query and Admin")
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"{identity.role} {identity.name!r} may not call {method}: {what}")
 

@@ -33,6 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from agent.errors import ConfigError
 
 __all__ = [
+    "AGGREGATOR",
     "CA_DAYS",
     "DEVICE",
     "Identity",
@@ -42,6 +43,7 @@ __all__ = [
     "check_id",
     "device_paths",
     "init_ca",
+    "issue_aggregator",
     "issue_device",
     "issue_operator",
     "issue_server",
@@ -54,7 +56,9 @@ logger = logging.getLogger(__name__)
 TRUST_DOMAIN = "fleetwatch"
 DEVICE = "device"
 OPERATOR = "operator"
-ROLE_DIRS = {DEVICE: "devices", OPERATOR: "operators"}
+# A regional aggregator (`fleetwatch serve --upstream`): may send forwarded reports only.
+AGGREGATOR = "aggregator"
+ROLE_DIRS = {DEVICE: "devices", OPERATOR: "operators", AGGREGATOR: "aggregators"}
 
 CA_DAYS = 3650
 # Leaf certificates are short-lived: with no CRL in gRPC, expiry bounds how long a stolen key
@@ -62,7 +66,8 @@ CA_DAYS = 3650
 LEAF_DAYS = 90
 
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_SPIFFE = re.compile(rf"spiffe://{TRUST_DOMAIN}/({DEVICE}|{OPERATOR})/([A-Za-z0-9._:-]{{1,128}})")
+_SPIFFE = re.compile(rf"spiffe://{TRUST_DOMAIN}/({DEVICE}|{OPERATOR}|{AGGREGATOR})/"
+                     r"([A-Za-z0-9._:-]{1,128})")
 
 
 @dataclass(frozen=True)
@@ -195,6 +200,32 @@ def issue_device(directory: str | os.PathLike[str], device_id: str, days: int = 
     paths = device_paths(directory, device_id)
     _refuse_overwrite(paths.values(), force)
     key, cert = _client_leaf(directory, DEVICE, device_id, days, now)
+    signing = ed25519.Ed25519PrivateKey.generate()
+    _write(paths["key"], _key_pem(key), secret=True)
+    _write(paths["cert"], cert.public_bytes(serialization.Encoding.PEM))
+    _write(paths["sign_key"], _key_pem(signing), secret=True)
+    _write(paths["sign_pub"], signing.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return Issued(tuple(paths.values()), cert.serial_number, cert.not_valid_after_utc)
+
+
+def aggregator_paths(directory: str | os.PathLike[str], name: str) -> dict[str, pathlib.Path]:
+    """The files `issue_aggregator` writes: cert, key, sign_key, sign_pub."""
+    base = pathlib.Path(directory) / ROLE_DIRS[AGGREGATOR] / check_id("name", name)
+    return {"cert": base.with_name(name + ".pem"), "key": base.with_name(name + ".key"),
+            "sign_key": base.with_name(name + ".sign.key"),
+            "sign_pub": base.with_name(name + ".sign.pub")}
+
+
+def issue_aggregator(directory: str | os.PathLike[str], name: str, days: int = LEAF_DAYS, *,
+                     force: bool = False, now: datetime.datetime | None = None) -> Issued:
+    """A regional aggregator's TLS client certificate (``spiffe://fleetwatch/aggregator/
+    <NAME>``) and its Ed25519 signing key pair, for forwarding to the central tier:
+    ``aggregators/<NAME>.pem``, ``.key``, ``.sign.key``, ``.sign.pub`` (the central verifies
+    with the last, key id ``aggregator:<NAME>``)."""
+    paths = aggregator_paths(directory, name)
+    _refuse_overwrite(paths.values(), force)
+    key, cert = _client_leaf(directory, AGGREGATOR, name, days, now)
     signing = ed25519.Ed25519PrivateKey.generate()
     _write(paths["key"], _key_pem(key), secret=True)
     _write(paths["cert"], cert.public_bytes(serialization.Encoding.PEM))

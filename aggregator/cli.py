@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -45,6 +46,9 @@ from aggregator.render import (
 from aggregator.store.base import parse_labels
 from protos import fleetwatch_pb2 as pb
 from protos import fleetwatch_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from aggregator.forward import ForwardConfig
 
 __all__ = ["main", "parse_duration"]
 
@@ -182,8 +186,30 @@ def _plural(n: int, what: str) -> str:
 
 # -- commands ------------------------------------------------------------------------------------
 
+def _forward_config(ns: argparse.Namespace) -> ForwardConfig | None:
+    """`serve --upstream`: a regional aggregator (docs/scaling.md)."""
+    from agent.transport import TlsCredentials
+    from aggregator.forward import ForwardConfig
+
+    tls_files = (ns.upstream_cacert, ns.upstream_cert, ns.upstream_key)
+    if ns.upstream is None:
+        if ns.upstream_id or any(tls_files) or ns.upstream_sign_key:
+            raise ConfigError("--upstream-*: given without --upstream HOST:PORT")
+        return None
+    if not ns.upstream_id:
+        raise ConfigError("--upstream-id: name this regional aggregator (its "
+                          "`fleetwatch certs issue-aggregator` name)")
+    if any(tls_files) and not all(tls_files):
+        raise ConfigError("--upstream-cacert, --upstream-cert and --upstream-key: give all "
+                          "three (mutual TLS to the upstream) or none (plaintext, loopback)")
+    tls = None if not all(tls_files) else TlsCredentials(*tls_files)
+    return ForwardConfig(upstream=ns.upstream, upstream_id=ns.upstream_id, tls=tls,
+                         signing_key=ns.upstream_sign_key, idle_s=ns.forward_idle_s)
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     from aggregator.server import AggregatorConfig, serve
+    from aggregator.store import describe_db
 
     config = AggregatorConfig(
         db=ns.db, listen=ns.listen, workers=ns.workers, rules_path=ns.rules,
@@ -195,7 +221,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         signing_keys_dir=ns.tls_dir, require_signatures=ns.require_signatures,
         http_listen=ns.http, metrics_groupings=_metrics_groupings(ns.metrics_by),
         metrics_range_s=parse_duration(ns.metrics_range),
-        metrics_max_cohorts=ns.metrics_max_cohorts)
+        metrics_max_cohorts=ns.metrics_max_cohorts, forward=_forward_config(ns))
     stop = threading.Event()
     with serve(config) as running:  # a bad rule file raises here: exit code 2
         previous = {sig: signal.signal(sig, lambda *_: stop.set())
@@ -204,7 +230,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         security = (f"mutual TLS from {ns.tls_dir}" if ns.tls_dir
                     else "WITHOUT TLS, loopback only")
         print(f"fleetwatch aggregator listening on {host}:{running.port} ({security}; db "
-              f"{ns.db}); Ctrl-C stops it", flush=True)
+              f"{describe_db(ns.db)}); Ctrl-C stops it", flush=True)
         if running.alerts is not None:
             r = running.alerts.rules
             sinks = "the log" + (f" and {_plural(len(config.webhooks), 'webhook')}"
@@ -327,10 +353,13 @@ def cmd_stats(ns: argparse.Namespace) -> int:
                                                       timeout=ns.timeout), ns.aggregator)
     assert isinstance(resp, pb.ServerStatsResponse)
     rejected = dict(sorted(resp.rejected.items()))
+    forwarding = dict(sorted(resp.forwarding.items()))
     if ns.json:
-        print(json.dumps({"accepted": resp.accepted, "duplicates": resp.duplicates,
-                          "rejected": rejected, "started_unix_s": resp.started_unix_s},
-                         indent=2))
+        out = {"accepted": resp.accepted, "duplicates": resp.duplicates,
+               "rejected": rejected, "started_unix_s": resp.started_unix_s}
+        if forwarding:
+            out["forwarding"] = forwarding
+        print(json.dumps(out, indent=2))
         return 0
     up_s = max(0, int(time.time()) - resp.started_unix_s)
     print(f"up {up_s} s: {_plural(resp.accepted, 'report')} accepted, "
@@ -340,6 +369,10 @@ def cmd_stats(ns: argparse.Namespace) -> int:
         print()
         print(table(["refused because", "count"],
                     [[reason, str(n)] for reason, n in rejected.items()], use_color()))
+    if forwarding:
+        print()
+        print(table(["forwarding upstream", "count"],
+                    [[k, str(n)] for k, n in forwarding.items()], use_color()))
     return 0
 
 
@@ -555,6 +588,14 @@ def cmd_certs_issue_device(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs_issue_aggregator(ns: argparse.Namespace) -> int:
+    from aggregator.certs import AGGREGATOR, issue_aggregator, spiffe_id
+
+    issued = issue_aggregator(ns.dir, ns.name, days=ns.days, force=ns.force)
+    _print_issued(issued, spiffe_id(AGGREGATOR, ns.name), ns.json)
+    return 0
+
+
 def cmd_certs_issue_operator(ns: argparse.Namespace) -> int:
     from aggregator.certs import issue_operator, spiffe_id
 
@@ -640,8 +681,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="run the aggregator (gRPC ingest and query)",
-                       description="Run the aggregator on an embedded SQLite database.")
-    p.add_argument("--db", default="fleetwatch.db", help="SQLite file (default: %(default)s)")
+                       description="Run the aggregator on an embedded SQLite database, or on "
+                       "PostgreSQL (a postgresql:// DSN) that several replicas can share.")
+    p.add_argument("--db", default="fleetwatch.db",
+                   help="SQLite file or postgresql:// DSN (default: %(default)s)")
     p.add_argument("--listen", default="127.0.0.1:7070", metavar="HOST:PORT",
                    help="gRPC listen address; loopback only without --tls-dir "
                    "(default: %(default)s; port 0 picks a free one)")
@@ -680,6 +723,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metrics-max-cohorts", type=int, default=100, metavar="N",
                    help="at most N cohorts per scrape, the worst kept; the rest are counted "
                    "in fleetwatch_metrics_cohorts_dropped (default: %(default)s)")
+    g = p.add_argument_group("regional tier: forward merged windows upstream (docs/scaling.md)")
+    g.add_argument("--upstream", metavar="HOST:PORT", default=None,
+                   help="also forward each closed window, merged, to this central aggregator")
+    g.add_argument("--upstream-id", metavar="NAME", default=None,
+                   help="this regional aggregator's name there (its certificate's, from "
+                   "`fleetwatch certs issue-aggregator --name NAME`)")
+    g.add_argument("--upstream-cacert", metavar="FILE", help="the upstream's CA (ca.pem)")
+    g.add_argument("--upstream-cert", metavar="FILE",
+                   help="this regional's client certificate (aggregators/NAME.pem)")
+    g.add_argument("--upstream-key", metavar="FILE",
+                   help="its private key (aggregators/NAME.key)")
+    g.add_argument("--upstream-sign-key", metavar="FILE",
+                   help="sign forwarded reports with this key (aggregators/NAME.sign.key)")
+    g.add_argument("--forward-idle-s", type=float, default=10.0, metavar="S",
+                   help="forward a window once no report came for it for S seconds, even if "
+                   "the event-time watermark has not passed it (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("alerts", help="alerts and SLO error budgets of a running aggregator",
@@ -866,6 +925,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = certs_parser("issue-operator", "an operator's client certificate", 90)
     c.add_argument("--name", required=True, help="the operator's name (1-128 of A-Za-z0-9._-:)")
     c.set_defaults(func=cmd_certs_issue_operator)
+    c = certs_parser("issue-aggregator", "a regional aggregator's client certificate and "
+                     "forwarding signing key (`serve --upstream`)", 90)
+    c.add_argument("--name", required=True,
+                   help="the regional aggregator's name (1-128 of A-Za-z0-9._-:)")
+    c.set_defaults(func=cmd_certs_issue_aggregator)
     return parser
 
 

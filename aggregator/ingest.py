@@ -22,13 +22,19 @@ from google.protobuf.message import DecodeError
 from agent.errors import ConfigError, SketchError, ValidationError
 from agent.spec import Spec
 from agent.upload import LABEL_LIMIT_REFUSAL
-from aggregator.keys import DeviceKeys
-from aggregator.store.base import IngestOutcome, Store, canonical_labels, rollup_resolutions
-from aggregator.validate import ClockSkewError, Limits, validate_report
+from aggregator.keys import AGGREGATOR_KEY_PREFIX, DeviceKeys
+from aggregator.store.base import (
+    Contribution,
+    IngestOutcome,
+    Store,
+    canonical_labels,
+    rollup_resolutions,
+)
+from aggregator.validate import ClockSkewError, Limits, validate_forwarded, validate_report
 from protos import fleetwatch_pb2 as pb
 
-__all__ = ["IdentityMismatch", "IngestRejected", "IngestStats", "Ingestor", "ResourceExhausted",
-           "Unauthenticated", "UnknownSpec"]
+__all__ = ["ForwardNotAllowed", "IdentityMismatch", "IngestRejected", "IngestStats", "Ingestor",
+           "ResourceExhausted", "Unauthenticated", "UnknownSpec"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +69,11 @@ class IngestStats:
 class IdentityMismatch(IngestRejected):
     """The report's device_id is not the device named by the sender's TLS certificate (or
     not the device whose key signed it)."""
+
+
+class ForwardNotAllowed(IngestRejected):
+    """A forwarded (merged) report from a sender that is not a regional aggregator: a device
+    certificate or a device's signing key may only send that device's own reports."""
 
 
 class Unauthenticated(IngestRejected):
@@ -233,11 +244,37 @@ class Ingestor:
         for k, v in labels.items():
             known.setdefault(k, set()).add(v)
 
-    def ingest(self, envelope_bytes: bytes, peer_device_id: str | None = None) -> IngestOutcome:
+    def _check_forwarder(self, report: pb.WindowReport, signer: str | None,
+                         peer_device_id: str | None, peer_aggregator_id: str | None) -> None:
+        """Who may send a forwarded report: a regional aggregator, as itself."""
+        if peer_device_id is not None or (
+                signer is not None and not signer.startswith(AGGREGATOR_KEY_PREFIX)):
+            who = (f"device certificate {peer_device_id!r}" if peer_device_id is not None
+                   else f"device key {signer!r}")
+            raise self._reject("forwarded_not_allowed", "merged",
+                               f"a forwarded (merged) report sent with the {who}: only a "
+                               "regional aggregator's certificate and key may forward "
+                               "(`fleetwatch certs issue-aggregator`)", ForwardNotAllowed)
+        if signer is not None and signer != AGGREGATOR_KEY_PREFIX + report.device_id:
+            raise self._reject("identity_mismatch", "device_id",
+                               f"forwarded report of aggregator {report.device_id[:128]!r} is "
+                               f"signed by {signer!r}", IdentityMismatch)
+        if peer_aggregator_id is not None and report.device_id != peer_aggregator_id:
+            raise self._reject("identity_mismatch", "device_id",
+                               f"forwarded report of aggregator {report.device_id[:128]!r} sent "
+                               f"with the certificate of aggregator {peer_aggregator_id!r}",
+                               IdentityMismatch)
+
+    def ingest(self, envelope_bytes: bytes, peer_device_id: str | None = None, *,
+               peer_aggregator_id: str | None = None) -> IngestOutcome:
         """Ingest one serialized ReportEnvelope. Raises IngestRejected.
 
         ``peer_device_id``: the device named by the sender's TLS certificate (None without
-        TLS); the report's device_id must be that device."""
+        TLS); the report's device_id must be that device, and it may not forward merged
+        reports. ``peer_aggregator_id``: the regional aggregator named by the sender's
+        certificate; it may send only forwarded reports, as itself. Without TLS (both None,
+        loopback only) forwarded reports are taken; with signatures required, a forwarded
+        report must be signed by the key of the aggregator it names."""
         try:
             envelope = pb.ReportEnvelope.FromString(envelope_bytes)
         except DecodeError as e:
@@ -251,11 +288,19 @@ class Ingestor:
         except DecodeError as e:
             raise self._reject("malformed", "envelope.report", f"not a valid WindowReport: "
                                f"{e}") from None
-        if signer is not None and report.device_id != signer:
+        forwarded = report.HasField("merged")
+        if forwarded:
+            self._check_forwarder(report, signer, peer_device_id, peer_aggregator_id)
+        elif peer_aggregator_id is not None or (
+                signer is not None and signer.startswith(AGGREGATOR_KEY_PREFIX)):
+            raise self._reject("identity_mismatch", "merged",
+                               "a regional aggregator sends only forwarded (merged) reports, "
+                               "never a device's", IdentityMismatch)
+        elif signer is not None and report.device_id != signer:
             raise self._reject("identity_mismatch", "device_id",
                                f"report for device {report.device_id[:128]!r} is signed by "
                                f"device {signer!r}", IdentityMismatch)
-        if peer_device_id is not None and report.device_id != peer_device_id:
+        if not forwarded and peer_device_id is not None and report.device_id != peer_device_id:
             # A device may only report as itself: a stolen key speaks for one device only.
             raise self._reject("identity_mismatch", "device_id",
                                f"report for device {report.device_id[:128]!r} sent with the "
@@ -266,8 +311,12 @@ class Ingestor:
                                f"unknown spec hash {report.spec_hash[:64]!r} for model "
                                f"{report.model[:64]!r}: push the spec to this aggregator "
                                "(fleetwatch spec push)", UnknownSpec)
+        contributions: list[Contribution] | None = None
         try:
-            meta, summary = validate_report(report, spec, self.limits)
+            if forwarded:
+                meta, summary, contributions = validate_forwarded(report, spec, self.limits)
+            else:
+                meta, summary = validate_report(report, spec, self.limits)
         except ClockSkewError as e:
             raise self._reject("clock_skew", e.field, e.message, ClockAhead) from None
         except SketchError as e:
@@ -276,11 +325,13 @@ class Ingestor:
             raise self._reject("invalid", e.field, e.message) from None
         resolutions = rollup_resolutions(spec.window_length_s)
         if not self._adds_labels(spec.model, meta.labels):
-            outcome = self.store.ingest(meta, envelope_bytes, summary, resolutions)
+            outcome = self.store.ingest(meta, envelope_bytes, summary, resolutions,
+                                        contributions)
         else:
             with self._labels_lock:
                 self._check_cardinality(spec.model, meta.labels)
-                outcome = self.store.ingest(meta, envelope_bytes, summary, resolutions)
+                outcome = self.store.ingest(meta, envelope_bytes, summary, resolutions,
+                                            contributions)
                 if outcome is IngestOutcome.ACCEPTED:
                     self._remember_labels(spec.model, meta.labels)
         with self._lock:

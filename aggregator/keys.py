@@ -32,11 +32,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent.errors import ConfigError
 from aggregator.certs import check_id
 
-__all__ = ["SIGN_PUB_SUFFIX", "DeviceKeys"]
+__all__ = ["AGGREGATOR_KEY_PREFIX", "SIGN_PUB_SUFFIX", "DeviceKeys"]
 
 logger = logging.getLogger(__name__)
 
 SIGN_PUB_SUFFIX = ".sign.pub"
+# The key id of a regional aggregator's signing key (`fleetwatch certs issue-aggregator NAME`):
+# "aggregator:NAME", looked up as <directory>/aggregators/NAME.sign.pub, so that it can never
+# be taken for a device's key (and a device id with this prefix has no key: it cannot sign).
+AGGREGATOR_KEY_PREFIX = "aggregator:"
 ED25519_SIGNATURE_BYTES = 64
 MAX_KEY_FILE_BYTES = 16 << 10
 # Remembered misses at most: a flood of made-up ids must not grow memory without bound.
@@ -70,6 +74,9 @@ class DeviceKeys:
     def path(self, key_id: str) -> pathlib.Path | None:
         """Where the key of ``key_id`` lives; None when the id is not a valid device id."""
         try:
+            if key_id.startswith(AGGREGATOR_KEY_PREFIX):
+                name = check_id("key_id", key_id[len(AGGREGATOR_KEY_PREFIX):])
+                return self.directory / "aggregators" / (name + SIGN_PUB_SUFFIX)
             check_id("key_id", key_id)
         except ConfigError:
             return None

@@ -166,7 +166,8 @@ class Metrics:
 
     def __init__(self, store: Store, ingestor: Ingestor, alerts: AlertEvaluator | None = None,
                  config: MetricsConfig | None = None, *, alert_counter: AlertCounter | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 forwarding: Callable[[], dict[str, int]] | None = None) -> None:
         self.config = config or MetricsConfig()
         self.registry = CollectorRegistry(auto_describe=False)
         self.query_seconds = Histogram(
@@ -174,7 +175,8 @@ class Metrics:
             "Duration of operator queries: gRPC Query methods and the HTTP JSON API.",
             ["api", "method"], buckets=QUERY_BUCKETS, registry=self.registry)
         self.collector = FleetCollector(store, ingestor, alerts, self.config,
-                                        alert_counter=alert_counter, clock=clock)
+                                        alert_counter=alert_counter, clock=clock,
+                                        forwarding=forwarding)
         self.registry.register(self.collector)
 
     def observe_query(self, api: str, method: str, seconds: float) -> None:
@@ -227,13 +229,36 @@ def _badness(c: _Cohort) -> tuple:
             h.availability if _finite(h.availability) else 1.0)
 
 
+# A regional aggregator's forwarding (Admin.ServerStats forwarding): (name, help, is_counter).
+_FORWARDING = (
+    ("forwarded", "Forwarded reports built from closed windows since start.", True),
+    ("sent", "Forwarded reports the upstream accepted since start.", True),
+    ("duplicates", "Forwarded reports the upstream already had (acknowledgement lost).", True),
+    ("dead_letters", "Forwarded reports the upstream refused for good since start.", True),
+    ("pending", "Accepted reports not yet in a forwarded report.", False),
+    ("outbox", "Forwarded reports not yet acknowledged by the upstream.", False),
+    ("dead_letter_rows", "Forwarded reports kept in forward_dead_letters.", False),
+)
+
+
+def _forwarding_metrics(counts: dict[str, int]) -> Iterator[Metric]:
+    for name, text, counter in _FORWARDING:
+        if counter:
+            yield CounterMetricFamily(f"{PREFIX}forward_{name}", text,
+                                      value=counts.get(name, 0))
+        else:
+            yield _gauge(f"forward_{name}", text, counts.get(name, 0))
+
+
 class FleetCollector(Collector):
     """Computes every metric but the query histogram at each scrape (see the module doc)."""
 
     def __init__(self, store: Store, ingestor: Ingestor, alerts: AlertEvaluator | None,
                  config: MetricsConfig, *, alert_counter: AlertCounter | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 forwarding: Callable[[], dict[str, int]] | None = None) -> None:
         self.store = store
+        self.forwarding = forwarding   # a regional aggregator's (aggregator.forward)
         self.ingestor = ingestor
         self.alerts = alerts
         self.config = config
@@ -287,6 +312,8 @@ class FleetCollector(Collector):
         yield received
         yield _gauge("aggregator_start_time_seconds", "When this aggregator started (Unix s).",
                      self.started_unix_s)
+        if self.forwarding is not None:
+            yield from _forwarding_metrics(self.forwarding())
 
     # -- per cohort -----------------------------------------------------------------------------
 
@@ -394,6 +421,12 @@ class FleetCollector(Collector):
         yield firing
         if self.alerts is None:
             return
+        # Replicas on one database: which one evaluates, and that only it does.
+        yield _gauge("alert_leader", "1 while this replica holds the alert lease and "
+                     "evaluates the rules.", 1.0 if self.alerts.leading else 0.0)
+        yield CounterMetricFamily(f"{PREFIX}alert_windows_evaluated",
+                                  "Windows this replica evaluated the rules on since start.",
+                                  value=self.alerts.windows_evaluated)
         view = self.alerts.view(resolved_limit=0)
         current = [a for a in view.alerts if a.state in ("pending", "firing")]
         names = _label_names({k for a in current for k, _ in a.cohort}

@@ -22,7 +22,7 @@ import logging
 import math
 import pathlib
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -31,14 +31,16 @@ import grpc
 from agent.errors import ConfigError
 from aggregator.alerts.evaluator import AlertEvaluator, EvaluatorConfig, load_server_rules
 from aggregator.auth import AuthInterceptor, RevocationList
-from aggregator.http import HttpContext, server_ssl_context, start_http
+from aggregator.cert_reload import ServerCertificates
+from aggregator.forward import ForwardConfig, Forwarder
+from aggregator.http import HttpContext, start_http
 from aggregator.ingest import Ingestor
 from aggregator.keys import DeviceKeys
 from aggregator.loopback import is_loopback
 from aggregator.metrics import AlertCounter, Metrics, MetricsConfig
 from aggregator.notify import LogNotifier, MultiNotifier, Notifier, WebhookNotifier
 from aggregator.service import AdminService, IngestService, QueryService, ingest_handler
-from aggregator.store.sqlite import SqliteStore
+from aggregator.store import SqliteStore, Store, describe_db, open_store
 from aggregator.validate import Limits
 from protos import fleetwatch_pb2_grpc as pb_grpc
 
@@ -91,8 +93,16 @@ class AggregatorConfig:
     metrics_groupings: tuple[tuple[str, ...], ...] = ()
     metrics_range_s: float = 300.0
     metrics_max_cohorts: int = 100
+    # A regional aggregator (aggregator.forward, docs/scaling.md): also forward closed
+    # windows, merged, to the central tier. SQLite only (its outbox lives in the same file).
+    forward: ForwardConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.forward is not None and str(self.db).startswith(("postgresql://",
+                                                                 "postgres://")):
+            raise ConfigError("forward (--upstream): a regional aggregator keeps its forwarding "
+                              "outbox in its SQLite file; forwarding from a PostgreSQL store "
+                              "is not supported yet")
         if self.require_signatures and self.signing_keys_dir is None:
             raise ConfigError("require_signatures: needs signing_keys_dir (--tls-dir), where "
                               "the devices' .sign.pub keys are")
@@ -176,11 +186,12 @@ TLS_FILES = ("ca.pem", "server.pem", "server.key")
 class RunningAggregator:
     server: grpc.Server
     port: int
-    store: SqliteStore
+    store: Store
     ingestor: Ingestor
     alerts: AlertEvaluator | None = None
     http_port: int | None = None   # None: no HTTP endpoint (AggregatorConfig.http_listen)
     metrics: Metrics | None = None
+    forwarder: Forwarder | None = None   # a regional aggregator's (AggregatorConfig.forward)
 
     @property
     def target(self) -> str:
@@ -192,16 +203,28 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
     """Start the aggregator; yields it with its bound port and always stops it.
 
     A bad rule file or webhook URL raises ``ConfigError`` before anything listens."""
-    credentials = _server_credentials(config)  # read now: a bad file fails before the store opens
-    store = SqliteStore(config.db)
+    # Read now: a bad file fails before the store opens. Reread while serving (rotation).
+    certificates = None if config.tls_dir is None else ServerCertificates(config.tls_dir)
+    credentials = None if certificates is None else certificates.grpc_credentials()
+    store = (open_store(config.db) if config.forward is None
+             else SqliteStore(config.db, forwarding=True))
+    try:
+        forwarder = (None if config.forward is None
+                     else Forwarder(config.db, config.forward,
+                                    lambda h: store.get_spec("", spec_hash=h)))
+    except BaseException:
+        store.close()
+        raise
     alert_counter = AlertCounter() if config.http_listen is not None else None
     try:
         evaluator = _alert_evaluator(config, store, alert_counter)
     except BaseException:
+        if forwarder is not None:
+            forwarder.close()
         store.close()
         raise
     ingestor = Ingestor(store, config.limits,
-                        on_accepted=evaluator.on_accepted if evaluator else None,
+                        on_accepted=_on_accepted(evaluator, forwarder),
                         keys=(None if config.signing_keys_dir is None
                               else DeviceKeys(config.signing_keys_dir)),
                         require_signatures=config.require_signatures)
@@ -217,7 +240,8 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
     metrics = None
     if config.http_listen is not None:
         metrics = Metrics(store, ingestor, evaluator, config.metrics_config(),
-                          alert_counter=alert_counter)
+                          alert_counter=alert_counter,
+                          forwarding=None if forwarder is None else forwarder.stats)
         interceptors.append(metrics.grpc_interceptor())  # after auth: refused calls not timed
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers,
@@ -230,13 +254,17 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
     )
     server.add_generic_rpc_handlers((ingest_handler(
         IngestService(ingestor, store, max_message_bytes=config.max_message_bytes)),))
-    pb_grpc.add_AdminServicer_to_server(AdminService(store, ingestor), server)
+    pb_grpc.add_AdminServicer_to_server(
+        AdminService(store, ingestor, forwarding=None if forwarder is None else forwarder.stats),
+        server)
     pb_grpc.add_QueryServicer_to_server(QueryService(store, alerts=evaluator), server)
     port = (server.add_insecure_port(config.listen) if credentials is None
             else server.add_secure_port(config.listen, credentials))
     if port == 0:
         if evaluator is not None:
             evaluator.close(timeout_s=0.0)
+        if forwarder is not None:
+            forwarder.close()
         store.close()
         raise ConfigError(f"listen: could not bind {config.listen} (in use?)")
     server.start()
@@ -246,11 +274,13 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
             http_server = start_http(
                 config.http_listen,
                 HttpContext(store, evaluator, ingestor, config.http_default_model), metrics,
-                None if config.tls_dir is None else _http_tls(config), revoked)
+                None if certificates is None else certificates.ssl_context(), revoked)
         except (OSError, ssl.SSLError) as e:
             server.stop(grace=None).wait()
             if evaluator is not None:
                 evaluator.close(timeout_s=0.0)
+            if forwarder is not None:
+                forwarder.close()
             store.close()
             raise ConfigError(f"http_listen: could not serve {config.http_listen} ({e})"
                               ) from None
@@ -260,45 +290,48 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
                     "WITHOUT TLS, loopback only")
     if evaluator is not None:
         evaluator.start()
+    if forwarder is not None:
+        forwarder.start()
     address = config.listen.rsplit(":", 1)[0] + f":{port}"
     if credentials is None:
         logger.warning("serving on %s WITHOUT TLS (loopback only) with database %s", address,
-                       config.db)
+                       describe_db(config.db))
     else:
         logger.info("serving on %s with mutual TLS (certificates and revoked.txt in %s) with "
-                    "database %s", address, config.tls_dir, config.db)
+                    "database %s", address, config.tls_dir, describe_db(config.db))
     try:
         yield RunningAggregator(server, port, store, ingestor, evaluator,
-                                None if http_server is None else http_server.port, metrics)
+                                None if http_server is None else http_server.port, metrics,
+                                forwarder)
     finally:
         if http_server is not None:
             http_server.close()
+        if certificates is not None:
+            certificates.close()
         server.stop(grace=2).wait()
         if evaluator is not None:
             # Bounded: a hung webhook receiver delays shutdown by at most this much.
             evaluator.close(timeout_s=2.0)
+        if forwarder is not None:
+            forwarder.close()
         store.close()
 
 
-def _server_credentials(config: AggregatorConfig) -> grpc.ServerCredentials | None:
-    """Mutual TLS from ``tls_dir``: clients must present a certificate of the fleet CA."""
-    if config.tls_dir is None:
-        return None
-    d = pathlib.Path(config.tls_dir)
-    try:
-        ca, chain, key = ((d / n).read_bytes() for n in ("ca.pem", "server.pem", "server.key"))
-    except OSError as e:
-        raise ConfigError(f"tls_dir: cannot read {e.filename}: {e.strerror}") from None
-    return grpc.ssl_server_credentials([(key, chain)], root_certificates=ca,
-                                       require_client_auth=True)
+def _on_accepted(evaluator: AlertEvaluator | None, forwarder: Forwarder | None
+                 ) -> Callable[[str, int, str], None] | None:
+    """The Ingestor's hook: both the alert watermark and the forwarding watermark."""
+    hooks = [h.on_accepted for h in (evaluator, forwarder) if h is not None]
+    if len(hooks) <= 1:
+        return hooks[0] if hooks else None
+
+    def both(spec_hash: str, window_start: int, sender: str) -> None:
+        for hook in hooks:
+            hook(spec_hash, window_start, sender)
+
+    return both
 
 
-def _http_tls(config: AggregatorConfig) -> ssl.SSLContext:
-    d = pathlib.Path(config.tls_dir)  # type: ignore[arg-type]
-    return server_ssl_context(str(d / "ca.pem"), str(d / "server.pem"), str(d / "server.key"))
-
-
-def _alert_evaluator(config: AggregatorConfig, store: SqliteStore,
+def _alert_evaluator(config: AggregatorConfig, store: Store,
                      counter: AlertCounter | None = None) -> AlertEvaluator | None:
     if config.rules_path is None:
         return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import NoReturn
 
 import grpc
@@ -14,11 +15,12 @@ from agent.errors import SpecError, ValidationError
 from agent.wire import spec_from_proto, spec_to_proto
 from aggregator.alerts.evaluator import AlertEvaluator, ModelBudget
 from aggregator.auth import peer_identity
-from aggregator.certs import DEVICE
+from aggregator.certs import AGGREGATOR, DEVICE
 from aggregator.compare import Comparison, compare_versions
 from aggregator.explain import explain
 from aggregator.ingest import (
     ClockAhead,
+    ForwardNotAllowed,
     IdentityMismatch,
     Ingestor,
     ResourceExhausted,
@@ -51,6 +53,7 @@ _STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (ClockAhead, grpc.StatusCode.FAILED_PRECONDITION),   # retried by the device, not dropped
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (IdentityMismatch, grpc.StatusCode.PERMISSION_DENIED),
+    (ForwardNotAllowed, grpc.StatusCode.PERMISSION_DENIED),
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
     (SpecError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -92,7 +95,8 @@ class IngestService:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                           "the call's deadline passed before it was handled")
         try:
-            outcome = self.ingestor.ingest(request, _peer_device_id(context))
+            outcome = self.ingestor.ingest(request, _peer_device_id(context),
+                                           peer_aggregator_id=_peer_aggregator_id(context))
         except Exception as e:  # mapped to a status; never kills the server
             _abort(context, e)
         if outcome is IngestOutcome.REPLAYED:
@@ -127,6 +131,12 @@ def _peer_device_id(context: grpc.ServicerContext) -> str | None:
     return identity.name if identity is not None and identity.role == DEVICE else None
 
 
+def _peer_aggregator_id(context: grpc.ServicerContext) -> str | None:
+    """The regional aggregator named by the peer's certificate; None otherwise."""
+    identity = peer_identity(context)
+    return identity.name if identity is not None and identity.role == AGGREGATOR else None
+
+
 def ingest_handler(service: IngestService) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler("fleetwatch.v1.Ingest", {
         "Report": grpc.unary_unary_rpc_method_handler(
@@ -141,9 +151,11 @@ def ingest_handler(service: IngestService) -> grpc.GenericRpcHandler:
 class AdminService(pb_grpc.AdminServicer):
     """PushSpec, ListSpecs and ServerStats (the Ingestor's counters; zeros without one)."""
 
-    def __init__(self, store: Store, ingestor: Ingestor | None = None) -> None:
+    def __init__(self, store: Store, ingestor: Ingestor | None = None, *,
+                 forwarding: Callable[[], dict[str, int]] | None = None) -> None:
         self.store = store
         self.ingestor = ingestor
+        self.forwarding = forwarding   # a regional aggregator's counters (aggregator.forward)
         self.started_unix_s = int(time.time())
 
     def PushSpec(self, request: pb.Spec, context: grpc.ServicerContext) -> pb.PushSpecResponse:
@@ -174,6 +186,8 @@ class AdminService(pb_grpc.AdminServicer):
             stats = self.ingestor.stats()
             response.accepted, response.duplicates = stats.accepted, stats.duplicates
             response.rejected.update(stats.rejected)
+        if self.forwarding is not None:
+            response.forwarding.update(self.forwarding())
         return response
 
 

@@ -17,11 +17,12 @@ from agent.errors import ConfigError, ValidationError
 from agent.privacy import noise_plan
 from agent.spec import Spec
 from agent.summary import LABEL_HISTOGRAMS, Summary
-from agent.wire import ReportMeta, report_from_proto
+from agent.wire import ReportMeta, report_from_proto, summary_from_proto
 from aggregator.kll_check import load_kll_floats
+from aggregator.store.base import Contribution
 from protos import fleetwatch_pb2 as pb
 
-__all__ = ["MAX_SEQ", "ClockSkewError", "Limits", "validate_report"]
+__all__ = ["MAX_SEQ", "ClockSkewError", "Limits", "validate_forwarded", "validate_report"]
 
 _COUNT_FIELDS = ("event_count", "error_count", "late_event_count", "invalid_value_count",
                  "unknown_feature_count", "spool_dropped_count", "labeled_count",
@@ -50,10 +51,15 @@ class Limits:
     # into "other", so the cohorts that exist stay exact and the rollups stay bounded.
     max_label_values_per_key: int = 1000
     max_label_keys_per_model: int = 256
+    # Devices in one report forwarded by a regional aggregator (`WindowReport.contributions`);
+    # the message size limit (AggregatorConfig.max_message_bytes) usually binds first, and the
+    # regional splits a larger window into several reports (`aggregator.forward`).
+    max_contributions: int = 100_000
 
     def __post_init__(self) -> None:
         for name in ("max_labels", "max_label_len", "max_device_id_len", "max_agent_version_len",
-                     "max_label_values_per_key", "max_label_keys_per_model"):
+                     "max_label_values_per_key", "max_label_keys_per_model",
+                     "max_contributions"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name}: must be an integer >= 1, got {value!r}")
@@ -282,3 +288,142 @@ def validate_report(msg: pb.WindowReport, spec: Spec, limits: Limits = Limits(),
         raise _fail("latency_kll", f"sketch holds {summary.latency.n} latencies for "
                     f"{msg.event_count} events")
     return meta, summary
+
+
+# The fields of a device's own report: a forwarded report leaves them empty (`merged` holds
+# the merge), so nothing is counted twice.
+_PER_REPORT_FIELDS = (*_COUNT_FIELDS, "epsilon_spent", "day_epsilon_spent", "private_withheld",
+                      "heartbeat", "latency_kll")
+
+
+def validate_forwarded(msg: pb.WindowReport, spec: Spec, limits: Limits = Limits(),
+                       now: float | None = None
+                       ) -> tuple[ReportMeta, Summary, list[Contribution]]:
+    """Check a report forwarded by a regional aggregator (`msg.merged` set) against its spec.
+
+    The sender is trusted no more than a device: `merged` is checked as a device summary is
+    (histogram shapes and bounds, the KLL bytes read by `aggregator.kll_check` first), the
+    contributions must be unique valid device ids whose report and withheld counts add up to
+    the merged ones, and the noise variance is recomputed from the spec and the counts (one
+    plan variance per released report): a sender's claim that differs is refused.
+    Raises ValidationError (or SketchError) naming the field."""
+    now = time.time() if now is None else now
+    _check_meta(msg, spec, limits, now)
+    for name in _PER_REPORT_FIELDS:
+        if getattr(msg, name):
+            raise _fail(name, "a forwarded report carries its counts in `merged` only")
+    if msg.features or msg.HasField("prediction") or any(
+            msg.HasField(n) for n in LABEL_HISTOGRAMS):
+        raise _fail("features", "a forwarded report carries its histograms in `merged` only")
+    contributions = _check_contributions(msg, limits)
+    m = msg.merged
+    reports = sum(c.reports for c in contributions)
+    withheld = sum(c.withheld for c in contributions)
+    if m.report_count != reports:
+        raise _fail("merged.report_count", f"{m.report_count}, but the contributions add up "
+                    f"to {reports} reports")
+    if m.withheld_report_count != withheld:
+        raise _fail("merged.withheld_report_count", f"{m.withheld_report_count}, but the "
+                    f"contributions add up to {withheld} withheld reports")
+    if m.heartbeat_count > reports - withheld:
+        raise _fail("merged.heartbeat_count", f"{m.heartbeat_count} heartbeats among "
+                    f"{reports - withheld} released reports")
+    cap = limits.max_events_per_report * reports
+    for name in (*_COUNT_FIELDS, "histogram_event_count", "label_histogram_count"):
+        if getattr(m, name) > cap:
+            raise _fail(f"merged.{name}", f"{getattr(m, name)} is absurd for {reports} reports")
+    for name, bound in (("error_count", "event_count"), ("late_event_count", "event_count"),
+                        ("clamped_event_count", "event_count"),
+                        ("clamped_label_count", "labeled_count")):
+        if getattr(m, name) > getattr(m, bound):
+            raise _fail(f"merged.{name}", f"more than merged.{bound}")
+    if m.histogram_event_count > m.event_count - m.clamped_event_count:
+        raise _fail("merged.histogram_event_count", "more than the unclamped events")
+    if m.label_histogram_count > m.labeled_count - m.clamped_label_count:
+        raise _fail("merged.label_histogram_count", "more than the unclamped labels")
+    plan = noise_plan(spec)
+    if plan is None and (m.clamped_event_count or m.clamped_label_count or withheld):
+        raise _fail("merged.clamped_event_count", "the spec adds no noise: nothing is clamped "
+                    "or withheld")
+    if plan is not None and (m.invalid_value_count or m.unknown_feature_count):
+        raise _fail("merged.invalid_value_count", "a noisy spec keeps input-derived counters "
+                    "on the device")
+    if spec.labels is None and m.labeled_count:
+        raise _fail("merged.labeled_count", "the spec has no labels")
+    if len(m.latency_kll) > limits.max_sketch_bytes:
+        raise _fail("merged.latency_kll", f"{len(m.latency_kll)} bytes is over the limit of "
+                    f"{limits.max_sketch_bytes}")
+    names = [f.name for f in m.features]
+    if names != list(spec.feature_names):
+        raise _fail("merged.features", "must list the spec's features in spec order")
+    if (spec.prediction is not None) != m.HasField("prediction"):
+        raise _fail("merged.prediction", "present exactly when the spec has a prediction")
+    wanted = set(spec.labels.histograms) if spec.labels is not None else set()
+    for name in LABEL_HISTOGRAMS:
+        if m.HasField(name) != (name in wanted):
+            raise _fail(f"merged.{name}", "present exactly when the spec's labels have it")
+    summary = summary_from_proto(m, load_kll=lambda b: load_kll_floats(
+        b, max_bytes=limits.max_sketch_bytes, max_n=max(m.event_count, 1),
+        field="merged.latency_kll"))
+    if summary.latency.n > m.event_count:
+        raise _fail("merged.latency_kll", f"sketch holds {summary.latency.n} latencies for "
+                    f"{m.event_count} events")
+    released = reports - withheld - m.heartbeat_count
+    variance = 0.0 if plan is None else released * plan.variance_per_bin
+    if not math.isclose(m.noise_variance_per_bin, variance, rel_tol=1e-9, abs_tol=1e-12):
+        raise _fail("merged.noise_variance_per_bin", f"{m.noise_variance_per_bin}, but "
+                    f"{released} released reports of this spec carry {variance}")
+    summary.noise_variance_per_bin = variance  # ours, not the sender's
+    # Each of the `released` reports passed a device check within 50 sd + 50 of the truth:
+    # their sum stays within the sum of those bounds (a tighter bound would let one device
+    # that sends counts near its own bound get the whole region's window refused).
+    bound = (None if plan is None
+             else released * (50 * math.sqrt(plan.variance_per_bin) + 50))
+    events = summary.histogram_event_count
+    for f in spec.features:
+        _check_histogram(f"merged.features[{f.name!r}]", summary.features[f.name],
+                         f.histogram_length, events, bound)
+    if spec.prediction is not None and summary.prediction is not None:
+        _check_histogram("merged.prediction", summary.prediction,
+                         spec.prediction.histogram_length, events, bound)
+    if spec.labels is not None:
+        for name in spec.labels.histograms:
+            _check_label_histogram(f"merged.{name}", getattr(summary, name),
+                                   spec.labels.histogram_length(name),
+                                   summary.label_histogram_count, bound,
+                                   exact_total=name != "calibration")
+    meta = ReportMeta(
+        device_id=msg.device_id, model=msg.model, model_version=msg.model_version,
+        labels=dict(msg.labels), window_start_unix_s=msg.window_start_unix_s,
+        window_length_s=msg.window_length_s, seq=msg.seq, spec_hash=msg.spec_hash,
+        created_unix_ms=msg.created_unix_ms, agent_version=msg.agent_version)
+    return meta, summary, contributions
+
+
+def _check_contributions(msg: pb.WindowReport, limits: Limits) -> list[Contribution]:
+    n = len(msg.contributions)
+    if n == 0:
+        raise _fail("contributions", "a forwarded report names the devices it merges")
+    if n > limits.max_contributions:
+        raise _fail("contributions", f"{n} devices, above the limit of "
+                    f"{limits.max_contributions}")
+    seen: set[str] = set()
+    out = []
+    for c in msg.contributions:
+        if not c.device_id or len(c.device_id) > limits.max_device_id_len:
+            raise _fail("contributions.device_id",
+                        f"must be 1-{limits.max_device_id_len} characters")
+        _check_text("contributions.device_id", c.device_id, "device id")
+        if c.device_id in seen:
+            raise _fail("contributions.device_id", f"device {c.device_id[:64]!r} listed twice")
+        seen.add(c.device_id)
+        if c.reports < 1:
+            raise _fail("contributions.reports", f"device {c.device_id[:64]!r}: at least 1")
+        if c.withheld > c.reports:
+            raise _fail("contributions.withheld", f"device {c.device_id[:64]!r}: more withheld "
+                        "than reports")
+        if not (math.isfinite(c.max_day_epsilon) and 0 <= c.max_day_epsilon <= 1e6):
+            raise _fail("contributions.max_day_epsilon", f"{c.max_day_epsilon} is not a "
+                        "privacy loss")
+        out.append(Contribution(c.device_id, c.reports, c.withheld, c.max_day_epsilon))
+    return out

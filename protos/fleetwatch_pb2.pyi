@@ -347,8 +347,15 @@ class ServerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStatsResponse(_message.Message):
-    __slots__ = ("accepted", "duplicates", "rejected", "started_unix_s")
+    __slots__ = ("accepted", "duplicates", "rejected", "started_unix_s", "forwarding")
     class RejectedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class ForwardingEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -359,11 +366,13 @@ class ServerStatsResponse(_message.Message):
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     STARTED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    FORWARDING_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     duplicates: int
     rejected: _containers.ScalarMap[str, int]
     started_unix_s: int
-    def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., started_unix_s: _Optional[int] = ...) -> None: ...
+    forwarding: _containers.ScalarMap[str, int]
+    def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., started_unix_s: _Optional[int] = ..., forwarding: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class CohortHealthRequest(_message.Message):
     __slots__ = ("model", "model_version", "selector", "group_by", "start_unix_s", "end_unix_s", "fairness_key")

@@ -13,7 +13,9 @@ agent's uploader does. The reports are built by the agent itself: a real `Monito
 closes a window of the simulator's events (noise included); each device then re-stamps that
 report with its own device id, seq, window and creation time, serializes it, signs the exact
 bytes (`--sign`) and ships it in a `ReportEnvelope`. Devices do not spool: the on-device fsyncs
-are the device's cost, not the aggregator's.
+are the device's cost, not the aggregator's; for the same reason the envelopes are built and
+signed before the clock starts (enough for PREBUILT_PER_S reports/s; any beyond, as sent), so
+that the load generator does not spend the CPU the aggregator shares with it on devices' work.
 
 With `--tls-dir DIR` the aggregator serves mutual TLS from DIR (`fleetwatch certs init`; made
 here when DIR has no CA yet, with a certificate per device and one operator certificate) and
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import itertools
 import json
 import os
 import pathlib
@@ -77,6 +80,7 @@ OPERATOR = "load-test"
 # Windows are stamped from this far back, one per report and device, so that even the fastest
 # device stays in the past (the aggregator refuses windows ahead of its clock).
 HISTORY_S = 60 * 86400
+PREBUILT_PER_S = 2500  # reports/s the devices' envelopes are built for before the clock
 
 
 class UsageError(Exception):
@@ -250,21 +254,35 @@ class DeviceResult:
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
-def run_device(device_id: str, template: pb.WindowReport, channel: grpc.Channel, envelope: Any,
-               first_window: int, stop_at: float, result: DeviceResult) -> None:
-    """Send one report per window, each after the previous one's ack, until `stop_at`."""
-    send = channel.unary_unary(REPORT_METHOD, request_serializer=lambda b: b,
-                               response_deserializer=pb.ReportResponse.FromString)
+def device_payloads(device_id: str, template: pb.WindowReport, envelope: Any,
+                    first_window: int) -> Iterator[bytes]:
+    """The device's signed envelopes, seq 1, 2, ...: one report per window."""
     report = pb.WindowReport()
     report.CopyFrom(template)
     report.device_id = device_id
     seq = 0
-    while time.monotonic() < stop_at:
+    while True:
         seq += 1
         report.seq = seq
         report.window_start_unix_s = first_window + (seq - 1) * WINDOW_S
         report.created_unix_ms = int(time.time() * 1000)
-        payload = envelope(report.SerializeToString())
+        yield envelope(report.SerializeToString())
+
+
+def prebuild(payloads: Iterator[bytes], n: int) -> Iterator[bytes]:
+    """The first `n` payloads built now, the rest when asked for: building and signing a
+    report is the device's work, so the timed run should not spend the machine's CPU (which
+    the aggregator under test shares) on it."""
+    return itertools.chain([next(payloads) for _ in range(n)], payloads)
+
+
+def run_device(device_id: str, payloads: Iterator[bytes], channel: grpc.Channel,
+               stop_at: float, result: DeviceResult) -> None:
+    """Send one report per window, each after the previous one's ack, until `stop_at`."""
+    send = channel.unary_unary(REPORT_METHOD, request_serializer=lambda b: b,
+                               response_deserializer=pb.ReportResponse.FromString)
+    while time.monotonic() < stop_at:
+        payload = next(payloads)
         while time.monotonic() < stop_at:  # retry this seq, as the spool would
             t0 = time.perf_counter()
             try:
@@ -321,11 +339,15 @@ def run(duration_s: float, devices: int, security: Security, workers: int,
             try:
                 for c in channels:  # connect (and handshake) before the clock starts
                     grpc.channel_ready_future(c).result(timeout=30)
-                envelopes = [security.envelope(d) for d in device_ids]
+                first_window = (int(time.time()) - HISTORY_S) // WINDOW_S * WINDOW_S
+                # Enough for ~PREBUILT_PER_S reports/s in all; beyond that, built as sent.
+                per_device = max(1, int(duration_s * PREBUILT_PER_S / devices))
+                payloads = [prebuild(device_payloads(d, templates[i % len(templates)],
+                                                     security.envelope(d), first_window),
+                                     per_device) for i, d in enumerate(device_ids)]
                 rss_start = rss_bytes(proc.pid)
                 sampler = RssSampler(proc.pid)
                 sampler.start()
-                first_window = (int(time.time()) - HISTORY_S) // WINDOW_S * WINDOW_S
                 results = [DeviceResult() for _ in device_ids]
                 say(f"{devices} devices for {duration_s:g} s against {target}"
                     f"{' (mutual TLS)' if security.tls_dir else ''}"
@@ -333,8 +355,8 @@ def run(duration_s: float, devices: int, security: Security, workers: int,
                 t0 = time.monotonic()
                 threads = [threading.Thread(
                     target=run_device, name=d,
-                    args=(d, templates[i % len(templates)], channels[i], envelopes[i],
-                          first_window, t0 + duration_s, results[i]), daemon=True)
+                    args=(d, payloads[i], channels[i], t0 + duration_s, results[i]),
+                    daemon=True)
                     for i, d in enumerate(device_ids)]
                 for t in threads:
                     t.start()

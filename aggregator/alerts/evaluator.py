@@ -25,8 +25,13 @@ evaluated still counts in ``fleetwatch health`` but not in alerts.
 After each window, the engine's snapshot and the window's transitions are stored in one
 transaction, then the firing / resolved transitions are handed to the notifier (which never
 blocks). A restart restores the engine from the snapshot and continues after the last
-evaluated window: an alert firing before it is not notified again. Semantics and options:
-``docs/alerts.md``.
+evaluated window: an alert firing before it is not notified again.
+
+Replicas sharing one database: only the holder of the store's "alerts" lease evaluates (and
+checks it still holds it right before each save); the per-sender view behind the watermark is
+read from the database (`Store.sender_activity`), so it covers every replica's reports; a
+replica that takes the lease reloads the engines and continues after the last saved window.
+Semantics and options: ``docs/alerts.md``.
 """
 
 from __future__ import annotations
@@ -61,6 +66,16 @@ _MAX_SAMPLE_FAILURES = 3
 # the engine has caught up; windows evaluated after the last write are evaluated again after
 # a restart (same event time, same data: same result, and they had no transitions to repeat).
 _SNAPSHOT_EVERY = 30
+# Each poll of `Store.sender_activity` rereads this much before the previous one: a report is
+# stamped (received_ms) before its transaction commits, and replicas' wall clocks differ a bit.
+_POLL_OVERLAP_MS = 10_000
+# Ticks between looks for specs with reports on other replicas (and, when not leading,
+# between refreshes of the mirrored engines).
+_DISCOVER_EVERY = 4
+
+
+class _LeaseLost(Exception):
+    """The alerts lease went to another replica before a window was saved."""
 
 
 def target_key(model: str, model_version: str) -> str:
@@ -158,23 +173,35 @@ class _Target:
 class AlertEvaluator:
     """Evaluates the rules on closed windows in a background thread; thread-safe.
 
-    ``clock`` (monotonic seconds) is only used for the idle flush.
+    ``clock`` (monotonic seconds) is only used for the idle flush; ``wall_clock`` (Unix
+    seconds) only to read the ages of the senders' last reports in the database (stamped with
+    the receiving replica's wall clock), which become arrival times on ``clock``.
+
+    Several replicas on one database: only the holder of the store's "alerts" lease
+    (`Store.try_lead`) evaluates; the others mirror the stored engines for queries.
     """
 
     def __init__(self, store: Store, rules: RuleSet, notifier: Notifier,
                  config: EvaluatorConfig | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.rules = rules
         self.notifier = notifier
         self.config = config or EvaluatorConfig()
         self._clock = clock
+        self._wall = wall_clock
         self._lock = threading.Lock()
         self._max_start: dict[str, int] = {}
         self._min_start: dict[str, int] = {}
         self._last_arrival: dict[str, float] = {}
-        # spec hash -> device -> (newest window start, monotonic arrival time)
-        self._devices: dict[str, dict[str, tuple[int, float]]] = {}
+        # spec hash -> sender -> (newest window start, arrival time on `clock`, wall clock ms
+        # its activity is known until): from `on_accepted` and `store.sender_activity`
+        self._devices: dict[str, dict[str, tuple[int, float, int]]] = {}
+        self._polled_ms: dict[str, int] = {}  # spec hash -> wall clock ms of its last poll
+        self._leading = False
+        self._ticks = 0
+        self.lead_changes = 0                  # times this replica gained the alerts lease
         self._new_hashes: set[str] = set()
         self._seen_hashes: set[str] = set()   # registered (to a target, or no rules apply)
         self._targets: dict[tuple[str, str], _Target] = {}
@@ -194,12 +221,15 @@ class AlertEvaluator:
     # -- the ingest side ------------------------------------------------------------------------
 
     def on_accepted(self, spec_hash: str, window_start: int, device_id: str = "") -> None:
-        """Called by the ingestor for every accepted report; cheap, never raises."""
+        """Called by the ingestor for every accepted report; cheap, never raises. (The
+        leader's per-sender view also reads the database, which holds every replica's
+        reports; a report accepted here is timed here, exactly.)"""
         with self._lock:
             if device_id:
                 devices = self._devices.setdefault(spec_hash, {})
-                newest = devices.get(device_id, (window_start, 0.0))[0]
-                devices[device_id] = (max(newest, window_start), self._clock())
+                old = devices.get(device_id)
+                newest = window_start if old is None else max(old[0], window_start)
+                devices[device_id] = (newest, self._clock(), int(self._wall() * 1000))
             if window_start > self._max_start.get(spec_hash, window_start - 1):
                 self._max_start[spec_hash] = window_start
             if window_start < self._min_start.get(spec_hash, window_start + 1):
@@ -232,6 +262,51 @@ class AlertEvaluator:
                     self._targets[key] = target
                 target.hashes.add(h)
 
+    def _discover_hashes(self) -> None:
+        """Specs whose reports reached other replicas only (no `on_accepted` here)."""
+        with self._lock:
+            known = self._seen_hashes | self._new_hashes
+        for spec in self.store.list_specs():
+            if spec.hash in known:
+                continue
+            found = self.store.window_range(spec.hash)
+            if found is None:
+                continue
+            with self._lock:
+                lo, hi = found
+                self._min_start[spec.hash] = min(lo, self._min_start.get(spec.hash, lo))
+                self._max_start[spec.hash] = max(hi, self._max_start.get(spec.hash, hi))
+                self._last_arrival.setdefault(spec.hash, self._clock())
+                self._new_hashes.add(spec.hash)
+
+    def _poll(self, hashes: Sequence[str], now: float) -> None:
+        """Bring the per-sender view up to date from the database. Each poll reads the
+        senders received since the previous one minus `_POLL_OVERLAP_MS` (commit lag and
+        replica clock skew); the first, those active within ``idle_flush_s``. A sender's
+        arrival time is ``now`` minus the age of its last report."""
+        wall_ms = int(self._wall() * 1000)
+        for h in hashes:
+            last = self._polled_ms.get(h)
+            since = (wall_ms - int(self.config.idle_flush_s * 1000) - _POLL_OVERLAP_MS
+                     if last is None else last - _POLL_OVERLAP_MS)
+            rows = self.store.sender_activity(h, since)
+            with self._lock:
+                self._polled_ms[h] = wall_ms
+                devices = self._devices.setdefault(h, {})
+                for sender, (newest, received_ms) in rows.items():
+                    old = devices.get(sender)
+                    if old is not None and newest <= old[0] and received_ms <= old[2]:
+                        continue  # nothing new: seen in an earlier poll, or accepted here
+                    arrival = now - max(0, wall_ms - received_ms) / 1000.0
+                    if old is not None:
+                        newest, arrival = max(newest, old[0]), max(arrival, old[1])
+                    devices[sender] = (newest, arrival, received_ms)
+                    if newest > self._max_start.get(h, newest - 1):
+                        self._max_start[h] = newest
+                    self._min_start.setdefault(h, newest)
+                    if arrival > self._last_arrival.get(h, arrival - 1.0):
+                        self._last_arrival[h] = arrival
+
     def _watermark(self, target: _Target, now: float) -> tuple[int, int] | None:
         """(watermark, earliest window start) of a target, or None without reports."""
         with self._lock:
@@ -250,6 +325,13 @@ class AlertEvaluator:
             return int(latest - lateness), earliest
         return int(active + target.window_s - lateness), earliest
 
+    def _forget_stale(self, now: float) -> None:
+        """Drop senders quiet for an hour (the leader does it in `_active_newest`)."""
+        with self._lock:
+            for devices in self._devices.values():
+                for d in [d for d, (_, t, _) in devices.items() if now - t > 3600.0]:
+                    del devices[d]
+
     def _active_newest(self, hashes: Sequence[str], now: float) -> int | None:
         """The oldest newest-window of the devices that reported within idle_flush_s (lock
         held); devices quiet for an hour are forgotten (memory stays bounded by the fleet
@@ -259,10 +341,10 @@ class AlertEvaluator:
             devices = self._devices.get(h)
             if not devices:
                 continue
-            stale = [d for d, (_, t) in devices.items() if now - t > 3600.0]
+            stale = [d for d, (_, t, _) in devices.items() if now - t > 3600.0]
             for d in stale:
                 del devices[d]
-            for newest, t in devices.values():
+            for newest, t, _ in devices.values():
                 if now - t < self.config.idle_flush_s and (oldest is None or newest < oldest):
                     oldest = newest
         return oldest
@@ -307,14 +389,89 @@ class AlertEvaluator:
         start = target.next_start
         return start if start + L <= watermark else None
 
+    def _lead(self) -> bool:
+        """Whether this replica evaluates this tick. Gaining the lease (at start, or after the
+        previous leader died) reloads every engine from the store, since the previous leader
+        advanced them, and rereads the per-sender view; losing it stops evaluation."""
+        try:
+            leading = bool(self.store.try_lead("alerts"))
+        except Exception:
+            self.errors += 1
+            if self.errors & (self.errors - 1) == 0:
+                logger.exception("alerts: cannot take or check the lease (%d errors so far)",
+                                 self.errors)
+            leading = False
+        if leading and not self._leading:
+            self.lead_changes += 1
+            with self._lock:
+                for target in self._targets.values():
+                    self._reset(target)
+                self._polled_ms.clear()  # the next poll reads every active sender
+            logger.info("alerts: this replica leads alert evaluation")
+        elif self._leading and not leading:
+            logger.warning("alerts: lost the alert lease; another replica evaluates")
+        self._leading = leading
+        return leading
+
+    @property
+    def leading(self) -> bool:
+        """Whether this replica held the alerts lease at its last tick."""
+        return self._leading
+
+    @staticmethod
+    def _reset(target: _Target) -> None:
+        """Forget a target's engine: the next use restores it from the store (lock held)."""
+        target.engine = None
+        target.next_start = None
+        target.saved_snapshot = ""
+        target.unsaved = 0
+        target.sample_failures = 0
+
+    def _follow(self) -> None:
+        """Not leading: mirror the leader's stored engines, so that `view()` (ListAlerts,
+        /metrics, the dashboard) answers from any replica."""
+        with self._lock:
+            targets = list(self._targets.values())
+        for target in targets:
+            try:
+                saved = self.store.load_alert_state(target.model, target.model_version)
+                if saved is None:
+                    continue
+                until, snapshot = saved
+                engine = target.engine
+                if engine is not None and engine.last_window_end_s == until:
+                    continue
+                extra = {"model": target.model, "model_version": target.model_version}
+                restored = AlertEngine.restore(target.rules, json.loads(snapshot),
+                                               stale_s=self.config.stale_s, extra_labels=extra)
+            except Exception:  # the view stays as it was; evaluation is unaffected
+                self.errors += 1
+                if self.errors & (self.errors - 1) == 0:
+                    logger.exception("alerts %s: cannot mirror the stored engine (%d errors "
+                                     "so far)", target.key, self.errors)
+                continue
+            with self._lock:
+                target.engine, target.next_start = restored, int(until)
+                target.saved_snapshot, target.unsaved = snapshot, 0
+
     def tick(self) -> int:
-        """Evaluate the closed windows, at most ``max_windows_per_tick``; how many were."""
+        """Evaluate the closed windows, at most ``max_windows_per_tick``; how many were
+        (0 when another replica holds the alerts lease)."""
+        self._ticks += 1
+        if self._ticks % _DISCOVER_EVERY == 1:
+            self._discover_hashes()
         self._register_new_hashes()
+        if not self._lead():
+            if self._ticks % _DISCOVER_EVERY == 1:
+                self._forget_stale(self._clock())
+                self._follow()
+            return 0
         now = self._clock()
         budget = self.config.max_windows_per_tick
         done = 0
         with self._lock:
             targets = list(self._targets.values())
+        self._poll(sorted({h for t in targets for h in t.hashes}), now)
         blocked: set[str] = set()
         progress = True
         while budget > 0 and progress:
@@ -328,6 +485,11 @@ class AlertEvaluator:
                         self._save_if_unsaved(target)
                         continue
                     self._evaluate(target, start, now)
+                except _LeaseLost:
+                    # Its unsaved windows are the new leader's; reloaded if the lease returns.
+                    logger.warning("alerts %s: lost the lease before saving; stopping",
+                                   target.key)
+                    return done
                 except Exception:
                     self.errors += 1
                     blocked.add(target.key)
@@ -376,6 +538,15 @@ class AlertEvaluator:
         assert engine is not None and target.next_start is not None
         with self._lock:
             snapshot = json.dumps(engine.snapshot())
+        # Still the leader right before the save (a round trip on the lease's session): a
+        # replica whose lease session broke mid-tick must not store (and then notify) windows
+        # the new leader evaluates too.
+        try:
+            still = self.store.try_lead("alerts")
+        except Exception:
+            still = False
+        if not still:
+            raise _LeaseLost(target.key)
         try:
             self.store.save_alert_window(target.model, target.model_version,
                                          float(target.next_start), snapshot, records)

@@ -1,7 +1,35 @@
-"""Aggregator storage behind one small interface (`Store`); SQLite is the embedded default."""
+"""Aggregator storage behind one small interface (`Store`); SQLite is the embedded default,
+PostgreSQL (`aggregator.store.postgres`) the database several replicas share."""
+
+from __future__ import annotations
+
+import pathlib
 
 from aggregator.store.base import IngestOutcome, LabelSet, Store, canonical_labels, parse_labels
 from aggregator.store.sqlite import SqliteStore
 
 __all__ = ["IngestOutcome", "LabelSet", "SqliteStore", "Store", "canonical_labels",
-           "parse_labels"]
+           "describe_db", "open_store", "parse_labels"]
+
+_PG_SCHEMES = ("postgresql://", "postgres://")
+
+
+def open_store(db: str | pathlib.Path) -> Store:
+    """A ``postgresql://`` (or ``postgres://``) DSN opens `PostgresStore`, anything else is a
+    SQLite file path (`SqliteStore`). An unreachable server or a bad DSN raises
+    `agent.errors.ConfigError` naming the DSN without its password."""
+    if isinstance(db, str) and db.startswith(_PG_SCHEMES):
+        # Imported here: psycopg is only loaded by processes that use PostgreSQL.
+        from aggregator.store.postgres import PostgresStore
+
+        return PostgresStore(db)
+    return SqliteStore(db)
+
+
+def describe_db(db: str | pathlib.Path) -> str:
+    """The database for logs and messages: a DSN without its password, or the path."""
+    if isinstance(db, str) and db.startswith(_PG_SCHEMES):
+        from aggregator.store.postgres import redact_dsn
+
+        return redact_dsn(db)
+    return str(db)

@@ -26,6 +26,7 @@ from aggregator.store.base import (
     HOUR_S,
     REORDER_WINDOW,
     AlertRecord,
+    Contribution,
     IngestOutcome,
     LabelSet,
     PrivacyStats,
@@ -33,6 +34,7 @@ from aggregator.store.base import (
     parse_labels,
     time_cover,
 )
+from aggregator.store.rollup_cache import BatchRollups, ReadCache, WriteCache
 from protos import fleetwatch_pb2 as pb
 
 __all__ = ["SqliteStore"]
@@ -149,6 +151,58 @@ CREATE INDEX IF NOT EXISTS reports_by_device ON reports (device_id, window_start
 _ROLLUPS_BY_LABEL_SET = ("CREATE INDEX IF NOT EXISTS rollups_by_label_set ON rollups "
                          "(spec_hash, resolution, label_set, window_start)")
 ACTIVITY_RESOLUTIONS = (HOUR_S, DAY_S)
+# Per device (by contribution: a forwarded report's devices, not its sender) and window: the
+# exact edges of `device_count` and `privacy_stats` ("did this device report in [a, b)?" is one
+# seek). Written in the ingest transaction like `device_activity`; a database from an earlier
+# build gets it filled from its reports once, at open (`_add_window_contributions`).
+_CONTRIBUTIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS window_contributions (
+    device_id TEXT NOT NULL,
+    window_start INTEGER NOT NULL,
+    spec_hash TEXT NOT NULL,
+    label_set INTEGER NOT NULL,
+    reports INTEGER NOT NULL,
+    withheld INTEGER NOT NULL,
+    max_day_epsilon REAL NOT NULL,
+    PRIMARY KEY (device_id, window_start, spec_hash, label_set)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS window_contributions_by_window
+    ON window_contributions (spec_hash, window_start, label_set);
+"""
+# Regional forwarding (`aggregator.forward`, `SqliteStore(forwarding=True)`): every accepted
+# report's validated summary and contributions, written in its ingest transaction, until the
+# forwarder moves it into an outbox entry (one transaction again): so each accepted report is
+# forwarded exactly once, whatever crashes.
+_FORWARD_PENDING_SCHEMA = """
+CREATE TABLE IF NOT EXISTS forward_pending (
+    sender TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    spec_hash TEXT NOT NULL,
+    label_set INTEGER NOT NULL,
+    window_start INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    summary BLOB NOT NULL,
+    contributions BLOB NOT NULL,
+    PRIMARY KEY (sender, seq)
+) WITHOUT ROWID;
+-- Covering for the forwarder's per-tick "which groups are open, since when" scan.
+CREATE INDEX IF NOT EXISTS forward_pending_by_window
+    ON forward_pending (spec_hash, label_set, window_start, received_ms);
+"""
+# Per (spec, sender): its newest window start and when its last report was received, upserted
+# in the ingest transaction (`sender_activity`): the alert watermark read from the database,
+# as replicas on a shared database need it. Added without a version bump, filled from the
+# stored reports once when missing (`_add_sender_activity`).
+_SENDER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sender_activity (
+    spec_hash TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    newest_window_start INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (spec_hash, sender)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sender_activity_by_time ON sender_activity (spec_hash, received_ms);
+"""
 
 
 # Reports per group-commit transaction, at most: bounds how long the write lock is held
@@ -164,6 +218,7 @@ class _IngestJob:
     envelope: bytes
     summary: Summary
     resolutions: tuple[int, ...]
+    contributions: Sequence[Contribution] | None = None
     done: bool = False
     outcome: IngestOutcome | None = None
     error: BaseException | None = None
@@ -173,9 +228,13 @@ class SqliteStore:
     """`Store` on one SQLite file.
 
     ``reorder_window``: how far below a device's high-water mark a seq not seen before is
-    still merged (further below, it is a replay: `IngestOutcome.REPLAYED`)."""
+    still merged (further below, it is a replay: `IngestOutcome.REPLAYED`).
 
-    def __init__(self, path: str | pathlib.Path, reorder_window: int = REORDER_WINDOW) -> None:
+    ``forwarding``: also record each accepted report in `forward_pending` (a regional
+    aggregator, `aggregator.forward`)."""
+
+    def __init__(self, path: str | pathlib.Path, reorder_window: int = REORDER_WINDOW, *,
+                 forwarding: bool = False) -> None:
         if not isinstance(reorder_window, int) or reorder_window < 0:
             raise ValueError(f"reorder_window: must be a non-negative integer, got "
                              f"{reorder_window!r}")
@@ -196,6 +255,10 @@ class SqliteStore:
             raise RuntimeError(f"{self.path}: schema version {row[0]}, this build knows "
                                f"{SCHEMA_VERSION}")
         self._add_device_activity()
+        self._add_window_contributions()
+        self.forwarding = forwarding
+        self._writer.executescript(_FORWARD_PENDING_SCHEMA)
+        self._add_sender_activity()
         self._writer.execute(_ROLLUPS_BY_LABEL_SET)
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -203,6 +266,9 @@ class SqliteStore:
         self._queue_lock = threading.Lock()
         self._queue: list[_IngestJob] = []        # reports waiting for the next batch
         self.ingest_commits = 0                   # group-commit transactions committed
+        self._read_cache = ReadCache()            # decoded rollups for queries
+        self._write_cache = WriteCache()          # decoded rollups as this writer committed
+        self._write_cache_version: int | None = None  # the writer's data_version it matches
 
     def _add_device_activity(self) -> None:
         """Create `device_activity` (and the edge index), filled from the stored reports when
@@ -234,6 +300,54 @@ class SqliteStore:
         if rows:
             logger.info("%s: device_activity filled from the stored reports: %d rows in %.1f s",
                         self.path, rows, time.monotonic() - t0)
+
+    def _add_sender_activity(self) -> None:
+        """Create `sender_activity`, filled from the stored reports when missing (one
+        transaction, as `_add_device_activity`)."""
+        cur = self._writer.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            if cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                           "name = 'sender_activity'").fetchone() is None:
+                for statement in filter(str.strip, _SENDER_SCHEMA.split(";")):
+                    cur.execute(statement)
+                cur.execute(
+                    "INSERT INTO sender_activity (spec_hash, sender, newest_window_start, "
+                    "received_ms) SELECT spec_hash, device_id, MAX(window_start), "
+                    "MAX(received_ms) FROM reports GROUP BY spec_hash, device_id")
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+
+    def _add_window_contributions(self) -> None:
+        """Create `window_contributions`, filled from the stored reports (each its own
+        device's contribution: no earlier build stored forwarded reports) when missing; once,
+        in one transaction, as `_add_device_activity`."""
+        cur = self._writer.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            if cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                           "name = 'window_contributions'").fetchone() is not None:
+                cur.execute("COMMIT")
+                return
+            t0 = time.monotonic()
+            for statement in filter(str.strip, _CONTRIBUTIONS_SCHEMA.split(";")):
+                cur.execute(statement)
+            cur.execute(
+                "INSERT INTO window_contributions (device_id, window_start, spec_hash, "
+                "label_set, reports, withheld, max_day_epsilon) "
+                "SELECT device_id, window_start, spec_hash, label_set, COUNT(*), "
+                "SUM(withheld), MAX(day_epsilon) FROM reports "
+                "GROUP BY device_id, window_start, spec_hash, label_set")
+            rows = cur.execute("SELECT COUNT(*) FROM window_contributions").fetchone()[0]
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        if rows:
+            logger.info("%s: window_contributions filled from the stored reports: %d rows in "
+                        "%.1f s", self.path, rows, time.monotonic() - t0)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
@@ -303,14 +417,15 @@ class SqliteStore:
         return lid
 
     def ingest(self, meta: ReportMeta, envelope: bytes, summary: Summary,
-               resolutions: tuple[int, ...]) -> IngestOutcome:
+               resolutions: tuple[int, ...],
+               contributions: Sequence[Contribution] | None = None) -> IngestOutcome:
         """Group commit: the report joins a queue; whoever holds the write lock (the leader)
         writes everything queued, each report in its own savepoint, commits once and hands
         every caller its outcome. A caller returns only after the commit that holds its
         report, so the acknowledgement still follows a durable commit, and one fsync serves
         every report that arrived while the previous batch was committing. Nobody waits for
         a batch to fill: a report alone is committed at once."""
-        job = _IngestJob(meta, envelope, summary, resolutions)
+        job = _IngestJob(meta, envelope, summary, resolutions, contributions)
         with self._queue_lock:
             self._queue.append(job)
         while not job.done:
@@ -328,30 +443,70 @@ class SqliteStore:
         assert job.outcome is not None
         return job.outcome
 
-    def _write_batch(self, batch: list[_IngestJob]) -> None:
+    def _write_batch(self, batch: list[_IngestJob], eager: bool = False) -> None:
         """One transaction for the batch; a report that fails rolls back its savepoint alone
         and its caller gets the exception; when the transaction itself fails every caller
-        gets it (nothing of the batch is stored). Called with the write lock held."""
+        gets it (nothing of the batch is stored). Called with the write lock held.
+
+        Rollups are merged in memory and each touched row is written once, at the end. A
+        report that fails may have left a summary that fails only later (when merged into or
+        encoded): so when anything fails, the batch is rolled back and done again `eager`ly,
+        each report writing its own rollup rows inside its savepoint, as one report at a time
+        would (failures are rare: the fast path pays nothing for this)."""
         interned: dict[str, int] = {}
         cur = self._writer.cursor()
+        rollups = BatchRollups(self._write_cache, lambda key: self._load_rollup(cur, key),
+                               eager=eager)
         try:
             cur.execute("BEGIN IMMEDIATE")
+            # The write cache mirrors what this connection committed: another connection's
+            # commit (data_version moved) may have changed any rollup row.
+            version = cur.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._write_cache_version:
+                self._write_cache.clear()
+                self._write_cache_version = version
+            failed = False
             for job in batch:
+                job.outcome = job.error = None  # (a batch done again starts afresh)
                 before = set(interned)
                 cur.execute("SAVEPOINT report")
                 try:
                     job.outcome = self._write_one(cur, job.meta, job.envelope, job.summary,
-                                                  job.resolutions, interned)
+                                                  job.resolutions, interned,
+                                                  job.contributions, rollups=rollups)
+                    if eager:
+                        self._write_rollups(cur, rollups.staged)
                 except Exception as e:
                     if not self._writer.in_transaction:
                         raise  # SQLite rolled the whole transaction back: the batch fails
                     cur.execute("ROLLBACK TO report")
                     for canonical in set(interned) - before:
                         del interned[canonical]  # rolled back with the savepoint
+                    rollups.drop()
                     job.outcome, job.error = None, e
+                    failed = True
+                else:
+                    try:
+                        rollups.keep()
+                    except Exception:
+                        failed = True  # half merged: the eager redo finds whose it was
                 cur.execute("RELEASE report")
+            if not eager:
+                try:
+                    if not failed:
+                        self._write_rollups(cur, rollups.pending)
+                except Exception:
+                    if not self._writer.in_transaction:
+                        raise
+                    failed = True
+                if failed:
+                    cur.execute("ROLLBACK")
+                    self._write_cache.clear()
+                    self._write_batch(batch, eager=True)
+                    return
             cur.execute("COMMIT")
         except BaseException as e:
+            self._write_cache.clear()  # cheap to refill; never trusted after a failure
             if self._writer.in_transaction:
                 cur.execute("ROLLBACK")
             for job in batch:
@@ -361,13 +516,26 @@ class SqliteStore:
                 raise  # KeyboardInterrupt and the like stop the leader too
             return
         self._label_cache.update(interned)
+        for key, merged in rollups.pending.items():
+            self._write_cache.put(key, merged)
         self.ingest_commits += 1
         for job in batch:
             job.done = True
 
+    @staticmethod
+    def _write_rollups(cur: sqlite3.Cursor, rows: dict[tuple[str, int, int, int], Summary]
+                       ) -> None:
+        cur.executemany(
+            "INSERT OR REPLACE INTO rollups (spec_hash, resolution, window_start, label_set, "
+            "summary) VALUES (?, ?, ?, ?, ?)",
+            [(*key, summary_to_proto(merged).SerializeToString())
+             for key, merged in rows.items()])
+
     def _write_one(self, cur: sqlite3.Cursor, meta: ReportMeta, envelope: bytes,
                    summary: Summary, resolutions: tuple[int, ...],
-                   interned: dict[str, int]) -> IngestOutcome:
+                   interned: dict[str, int],
+                   contributions: Sequence[Contribution] | None = None, *,
+                   rollups: BatchRollups) -> IngestOutcome:
         # Earlier reports of the batch are visible here (same transaction): a second
         # copy of a report in one batch is a duplicate, and the high-water mark is exact.
         if cur.execute("SELECT 1 FROM reports WHERE device_id = ? AND seq = ?",
@@ -386,39 +554,65 @@ class SqliteStore:
              meta.day_epsilon_spent, envelope))
         cur.execute("INSERT OR IGNORE INTO spec_label_sets VALUES (?, ?)",
                     (meta.spec_hash, lid))
-        for res in ACTIVITY_RESOLUTIONS:
+        if contributions is None:
+            contributions = (Contribution.of(meta),)
+        self._write_contributions(cur, meta, lid, contributions)
+        if self.forwarding:
             cur.execute(
-                "INSERT INTO device_activity (spec_hash, resolution, label_set, bucket, "
-                "device_id, reports, withheld, max_day_epsilon) "
-                "VALUES (?, ?, ?, ?, ?, 1, ?, ?) "
-                "ON CONFLICT (spec_hash, resolution, label_set, bucket, device_id) "
-                "DO UPDATE SET reports = reports + 1, "
-                "withheld = withheld + excluded.withheld, "
-                "max_day_epsilon = MAX(max_day_epsilon, excluded.max_day_epsilon)",
-                (meta.spec_hash, res, lid, (meta.window_start_unix_s // res) * res,
-                 meta.device_id, int(meta.private_withheld), meta.day_epsilon_spent))
+                "INSERT INTO forward_pending (sender, seq, spec_hash, label_set, window_start, "
+                "received_ms, summary, contributions) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (meta.device_id, meta.seq, meta.spec_hash, lid, meta.window_start_unix_s,
+                 int(time.time() * 1000), summary_to_proto(summary).SerializeToString(),
+                 contributions_to_blob(contributions)))
+        # Merged in memory; `_write_batch` writes each touched row once per batch.
         for res in resolutions:
-            bucket = (meta.window_start_unix_s // res) * res
-            row = cur.execute(
-                "SELECT summary FROM rollups WHERE spec_hash = ? AND resolution = ? "
-                "AND window_start = ? AND label_set = ?",
-                (meta.spec_hash, res, bucket, lid)).fetchone()
-            if row is None:
-                merged = summary
-            else:
-                merged = summary_from_proto(pb.Summary.FromString(row[0]))
-                merged.merge_in(summary)
-            cur.execute(
-                "INSERT OR REPLACE INTO rollups (spec_hash, resolution, window_start, "
-                "label_set, summary) VALUES (?, ?, ?, ?, ?)",
-                (meta.spec_hash, res, bucket, lid,
-                 summary_to_proto(merged).SerializeToString()))
+            rollups.stage((meta.spec_hash, res, (meta.window_start_unix_s // res) * res, lid),
+                          summary)
         cur.execute(
             "INSERT INTO devices (device_id, hwm_seq, updated_ms) VALUES (?, ?, ?) "
             "ON CONFLICT (device_id) DO UPDATE SET "
             "hwm_seq = MAX(hwm_seq, excluded.hwm_seq), updated_ms = excluded.updated_ms",
             (meta.device_id, meta.seq, int(time.time() * 1000)))
+        cur.execute(
+            "INSERT INTO sender_activity (spec_hash, sender, newest_window_start, received_ms) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (spec_hash, sender) DO UPDATE SET "
+            "newest_window_start = MAX(newest_window_start, excluded.newest_window_start), "
+            "received_ms = MAX(received_ms, excluded.received_ms)",
+            (meta.spec_hash, meta.device_id, meta.window_start_unix_s, int(time.time() * 1000)))
         return IngestOutcome.ACCEPTED
+
+    @staticmethod
+    def _write_contributions(cur: sqlite3.Cursor, meta: ReportMeta, lid: int,
+                             contributions: Sequence[Contribution]) -> None:
+        """Device counts and privacy sums by contribution (the devices, not the sender)."""
+        ws = meta.window_start_unix_s
+        rows = [(c.device_id, c.reports, c.withheld, c.max_day_epsilon) for c in contributions]
+        for res in ACTIVITY_RESOLUTIONS:
+            cur.executemany(
+                "INSERT INTO device_activity (spec_hash, resolution, label_set, bucket, "
+                "device_id, reports, withheld, max_day_epsilon) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (spec_hash, resolution, label_set, bucket, device_id) "
+                "DO UPDATE SET reports = reports + excluded.reports, "
+                "withheld = withheld + excluded.withheld, "
+                "max_day_epsilon = MAX(max_day_epsilon, excluded.max_day_epsilon)",
+                [(meta.spec_hash, res, lid, (ws // res) * res, d, n, w, e)
+                 for d, n, w, e in rows])
+        cur.executemany(
+            "INSERT INTO window_contributions (device_id, window_start, spec_hash, label_set, "
+            "reports, withheld, max_day_epsilon) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (device_id, window_start, spec_hash, label_set) "
+            "DO UPDATE SET reports = reports + excluded.reports, "
+            "withheld = withheld + excluded.withheld, "
+            "max_day_epsilon = MAX(max_day_epsilon, excluded.max_day_epsilon)",
+            [(d, ws, meta.spec_hash, lid, n, w, e) for d, n, w, e in rows])
+
+    @staticmethod
+    def _load_rollup(cur: sqlite3.Cursor, key: tuple[str, int, int, int]) -> Summary | None:
+        row = cur.execute(
+            "SELECT summary FROM rollups WHERE spec_hash = ? AND resolution = ? "
+            "AND window_start = ? AND label_set = ?", key).fetchone()
+        return None if row is None else _decode_rollup(row[0])
 
     @staticmethod
     def _high_water_mark(cur: sqlite3.Cursor, device_id: str) -> int | None:
@@ -454,33 +648,56 @@ class SqliteStore:
 
     def merged_rollups(self, spec_hash: str, label_set_ids: Iterable[int],
                        cover: list[tuple[int, int, int]]) -> dict[int, Summary]:
+        """Per label set, the merge of its rollups over the cover (new summaries, the
+        caller's). Each (resolution, range, label set) run of rows is merged once and kept
+        while its stored bytes stay the same (`rollup_cache.ReadCache`): closed buckets never
+        change, so a repeated query decodes and merges only the rows that did."""
         ids = sorted(set(label_set_ids))
         out: dict[int, Summary] = {}
         if not ids:
             return out
         db = self._reader()
         marks = ",".join("?" * len(ids))
+        cache = self._read_cache
         for res, lo, hi in cover:
-            rows = db.execute(
-                f"SELECT label_set, summary FROM rollups WHERE spec_hash = ? AND resolution = ? "
-                f"AND window_start >= ? AND window_start < ? AND label_set IN ({marks})",
-                (spec_hash, res, lo, hi, *ids))
-            for lid, blob in rows:
-                s = summary_from_proto(pb.Summary.FromString(blob))
+            runs: dict[int, list[tuple[int, bytes]]] = {}
+            for lid, ws, blob in db.execute(
+                    f"SELECT label_set, window_start, summary FROM rollups WHERE spec_hash = ? "
+                    f"AND resolution = ? AND window_start >= ? AND window_start < ? "
+                    f"AND label_set IN ({marks}) ORDER BY label_set, window_start",
+                    (spec_hash, res, lo, hi, *ids)):
+                runs.setdefault(lid, []).append((ws, blob))
+            for lid, run in runs.items():
+                merged = cache.run((spec_hash, res, lo, hi, lid), run,
+                                   lambda r=res, i=lid, rows=run: self._merge_run(
+                                       spec_hash, r, i, rows))
                 if lid in out:
-                    out[lid].merge_in(s)
+                    out[lid].merge_in(merged)
                 else:
-                    out[lid] = s
+                    out[lid] = merged.copy()
         return out
+
+    def _merge_run(self, spec_hash: str, res: int, lid: int,
+                   rows: Sequence[tuple[int, bytes]]) -> Summary:
+        acc: Summary | None = None
+        for ws, blob in rows:
+            s = self._read_cache.row((spec_hash, res, ws, lid), blob, _decode_rollup)
+            if acc is None:
+                acc = s.copy()
+            else:
+                acc.merge_in(s)
+        assert acc is not None  # a run has at least one row
+        return acc
 
     def device_count(self, spec_hash: str, label_set_ids: Iterable[int], start: int,
                      end: int) -> int:
-        """Devices with a report whose window starts in [start, end), exactly.
+        """Devices with a contribution to a report whose window starts in [start, end),
+        exactly (a forwarded report counts each of its devices, never its sender).
 
         The whole hours and days inside the range come from `device_activity` (a row per
         device per bucket, not per report). A partial hour at an edge only adds the devices of
         that hour's rows that are not counted already and that have a report inside the edge
-        (one seek each in `reports_by_device`): for a fleet that reports steadily there are
+        (one seek each in `window_contributions`): for a fleet that reports steadily there are
         none to check."""
         ids = sorted(set(label_set_ids))
         if not ids or start >= end:
@@ -513,7 +730,7 @@ class SqliteStore:
                 f"AND e.bucket >= ? AND e.bucket < ? "
                 + ("AND e.device_id NOT IN (SELECT device_id FROM covered) "
                    if covered_sql else "")
-                + "AND EXISTS (SELECT 1 FROM reports r INDEXED BY reports_by_device "
+                + "AND EXISTS (SELECT 1 FROM window_contributions r "
                   "WHERE r.device_id = e.device_id AND r.window_start >= ? "
                   "AND r.window_start < ? AND r.spec_hash = e.spec_hash "
                   "AND r.label_set = e.label_set)")
@@ -534,8 +751,8 @@ class SqliteStore:
     def privacy_stats(self, spec_hash: str, label_set_ids: Iterable[int], start: int,
                       end: int) -> PrivacyStats:
         """Per-device sums over the range: from `device_activity` for the whole hours and days
-        inside it, from the raw reports for the (under an hour long) edges; so a month costs
-        about what a day does."""
+        inside it, from `window_contributions` for the (under an hour long) edges; so a month
+        costs about what a day does."""
         ids = sorted(set(label_set_ids))
         if not ids or start >= end:
             return PrivacyStats(0, 0, 0, 0, 0.0, 0.0)
@@ -550,7 +767,8 @@ class SqliteStore:
             args += [spec_hash, res, *ids, lo, hi]
         for lo, hi in edges:
             parts.append(
-                f"SELECT device_id, 1 AS n, withheld AS w, day_epsilon AS d FROM reports "
+                f"SELECT device_id, reports AS n, withheld AS w, max_day_epsilon AS d "
+                f"FROM window_contributions INDEXED BY window_contributions_by_window "
                 f"WHERE spec_hash = ? AND window_start >= ? AND window_start < ? "
                 f"AND label_set IN ({marks})")
             args += [spec_hash, lo, hi, *ids]
@@ -635,6 +853,14 @@ class SqliteStore:
             threshold=math.nan if r[11] is None else r[11], starts_at_s=r[12], ends_at_s=r[13],
             labels=json.loads(r[14]), annotations=json.loads(r[15])) for r in rows]
 
+    def sender_activity(self, spec_hash: str, received_since_ms: int
+                        ) -> dict[str, tuple[int, int]]:
+        rows = self._reader().execute(
+            "SELECT sender, newest_window_start, received_ms FROM sender_activity "
+            "WHERE spec_hash = ? AND received_ms >= ?",
+            (spec_hash, int(received_since_ms))).fetchall()
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
     def try_lead(self, role: str) -> bool:
         """One process owns a SQLite file: it always leads."""
         return True
@@ -659,6 +885,23 @@ def _activity_cover(start: int, end: int) -> tuple[list[tuple[int, int, int]],
         else:
             whole.append((res, lo, hi))
     return whole, edges
+
+
+def contributions_to_blob(contributions: Sequence[Contribution]) -> bytes:
+    """`forward_pending.contributions`: the wire form (a WindowReport holding only them)."""
+    return pb.WindowReport(contributions=[
+        pb.Contribution(device_id=c.device_id, reports=c.reports, withheld=c.withheld,
+                        max_day_epsilon=c.max_day_epsilon) for c in contributions
+    ]).SerializeToString()
+
+
+def contributions_from_blob(blob: bytes) -> list[Contribution]:
+    return [Contribution(c.device_id, c.reports, c.withheld, c.max_day_epsilon)
+            for c in pb.WindowReport.FromString(blob).contributions]
+
+
+def _decode_rollup(blob: bytes) -> Summary:
+    return summary_from_proto(pb.Summary.FromString(blob))
 
 
 def _real(x: float) -> float | None:

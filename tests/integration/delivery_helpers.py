@@ -33,8 +33,9 @@ class AggregatorProcess:
     code runs: whatever the server had not committed is gone, and so are its unsent acks);
     `stop()` is SIGTERM. Output goes to `log` (a pipe could fill up and stall the server)."""
 
-    def __init__(self, db: Path, port: int, log: Path) -> None:
+    def __init__(self, db: Path, port: int, log: Path, args: Sequence[str] = ()) -> None:
         self.db, self.port, self.log = db, port, log
+        self.args = tuple(args)   # more `fleetwatch serve` options (e.g. --upstream)
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -47,7 +48,7 @@ class AggregatorProcess:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "aggregator.cli", "serve", "--db", str(self.db),
-                 "--listen", self.target],
+                 "--listen", self.target, *self.args],
                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.starts += 1
