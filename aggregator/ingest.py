@@ -337,10 +337,10 @@ class Ingestor:
         with self._lock:
             if outcome is IngestOutcome.DUPLICATE:
                 self.duplicates += 1
-            elif outcome is IngestOutcome.REPLAYED:
-                # Acknowledged (as a duplicate, so the spool lets go) but refused: counted
-                # with the refusals.
-                self.rejected["replayed"] += 1
+            elif outcome in (IngestOutcome.REPLAYED, IngestOutcome.SEQ_REUSED):
+                # Never merged, answered STALE_SEQ (an honest device renumbers): counted with
+                # the refusals.
+                self.rejected[outcome.value] += 1
             else:
                 self.accepted += 1
                 self._count_bytes((meta.spec_hash, canonical_labels(meta.labels)),

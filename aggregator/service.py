@@ -99,7 +99,7 @@ class IngestService:
                                            peer_aggregator_id=_peer_aggregator_id(context))
         except Exception as e:  # mapped to a status; never kills the server
             _abort(context, e)
-        if outcome is IngestOutcome.REPLAYED:
+        if outcome in (IngestOutcome.REPLAYED, IngestOutcome.SEQ_REUSED):
             # Never merged. The mark tells an honest device that lost its spool where to
             # continue (a replayer learns nothing it could use: the mark only grows).
             return pb.ReportResponse(status=pb.ReportResponse.STALE_SEQ,

@@ -28,8 +28,13 @@ REORDER_WINDOW = 10_000
 class IngestOutcome(enum.Enum):
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"   # (device_id, seq) already stored: acknowledged, not merged again
-    REPLAYED = "replayed"     # seq far below the device's high-water mark: acknowledged as a
-                              # duplicate (an honest spool lets go of it), never merged
+    REPLAYED = "replayed"     # seq far below the device's high-water mark: never merged,
+                              # answered STALE_SEQ with the mark (a device that lost its spool
+                              # renumbers above it)
+    SEQ_REUSED = "seq_reused"  # (device_id, seq) stored with OTHER bytes: not a resend (those
+                              # are byte-identical) but a new report under a used seq, e.g.
+                              # after a lost spool within the reorder window; never merged,
+                              # answered like REPLAYED
 
 
 @dataclass(frozen=True)

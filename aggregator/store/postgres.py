@@ -504,24 +504,29 @@ class PostgresStore:
             "RETURNING device_id, hwm_seq", (now_ms, devices))
         keys = sorted({(job.meta.device_id, job.meta.seq) for job in batch})
         seen = conn.execute(
-            "SELECT device_id, seq FROM reports WHERE (device_id, seq) IN "
+            "SELECT device_id, seq, envelope FROM reports WHERE (device_id, seq) IN "
             "(SELECT * FROM unnest(%s::text[], %s::bigint[]))",
             ([k[0] for k in keys], [k[1] for k in keys]))
         hwm: dict[str, int | None] = {d: (None if h is None else int(h))
                                       for d, h in locked.fetchall()}
-        stored = {(d, int(s)) for d, s in seen.fetchall()}
+        # A resend is byte-identical (spools keep the payload): other bytes under a stored
+        # seq are a new report under a used seq (SEQ_REUSED), never a duplicate.
+        stored: dict[tuple[str, int], bytes] = {(d, int(s)): bytes(e)
+                                                for d, s, e in seen.fetchall()}
         # 2. Outcomes in the batch's order, as if its reports came one after another.
         accepted: list[_IngestJob] = []
         for job in batch:
             m = job.meta
             mark = hwm.get(m.device_id)
             if (m.device_id, m.seq) in stored:
-                job.outcome = IngestOutcome.DUPLICATE
+                job.outcome = (IngestOutcome.DUPLICATE
+                               if stored[(m.device_id, m.seq)] == job.envelope
+                               else IngestOutcome.SEQ_REUSED)
             elif mark is not None and m.seq < mark - self.reorder_window:
                 job.outcome = IngestOutcome.REPLAYED
             else:
                 job.outcome = IngestOutcome.ACCEPTED
-                stored.add((m.device_id, m.seq))
+                stored[(m.device_id, m.seq)] = job.envelope
                 hwm[m.device_id] = m.seq if mark is None else max(mark, m.seq)
                 accepted.append(job)
         if not accepted:

@@ -267,7 +267,9 @@ class SqliteStore:
         self._queue: list[_IngestJob] = []        # reports waiting for the next batch
         self.ingest_commits = 0                   # group-commit transactions committed
         self._read_cache = ReadCache()            # decoded rollups for queries
-        self._write_cache = WriteCache()          # decoded rollups as this writer committed
+        # Decoded rollups as this writer committed them: any other write to `rollups` on the
+        # writer connection must clear it (another connection's shows in data_version).
+        self._write_cache = WriteCache()
         self._write_cache_version: int | None = None  # the writer's data_version it matches
 
     def _add_device_activity(self) -> None:
@@ -538,9 +540,11 @@ class SqliteStore:
                    rollups: BatchRollups) -> IngestOutcome:
         # Earlier reports of the batch are visible here (same transaction): a second
         # copy of a report in one batch is a duplicate, and the high-water mark is exact.
-        if cur.execute("SELECT 1 FROM reports WHERE device_id = ? AND seq = ?",
-                       (meta.device_id, meta.seq)).fetchone() is not None:
-            return IngestOutcome.DUPLICATE
+        stored = cur.execute("SELECT envelope FROM reports WHERE device_id = ? AND seq = ?",
+                             (meta.device_id, meta.seq)).fetchone()
+        if stored is not None:
+            return (IngestOutcome.DUPLICATE if bytes(stored[0]) == envelope
+                    else IngestOutcome.SEQ_REUSED)
         hwm = self._high_water_mark(cur, meta.device_id)
         if hwm is not None and meta.seq < hwm - self.reorder_window:
             return IngestOutcome.REPLAYED

@@ -174,8 +174,10 @@ def test_concurrent_new_values_never_exceed_the_limit(store: SqliteStore) -> Non
 def test_duplicates_with_new_labels_add_no_value(store: SqliteStore) -> None:
     ingestor = Ingestor(store, Limits(max_label_values_per_key=2))
     assert ingestor.ingest(env(report(1, {"region": "eu"}))) is IngestOutcome.ACCEPTED
-    # Same (device, seq), other labels: a duplicate, never merged, so no value is taken.
-    assert ingestor.ingest(env(report(1, {"region": "us"}))) is IngestOutcome.DUPLICATE
+    # Same (device, seq), other labels (so other bytes): a seq reused, never merged, so no
+    # value is taken.
+    assert ingestor.ingest(env(report(1, {"region": "us"}))) is IngestOutcome.SEQ_REUSED
+    assert ingestor.ingest(env(report(1, {"region": "eu"}))) is IngestOutcome.DUPLICATE
     assert ingestor.ingest(env(report(2, {"region": "apac"}))) is IngestOutcome.ACCEPTED
     stats = ingestor.stats()
-    assert (stats.accepted, stats.duplicates, stats.rejected) == (2, 1, {})
+    assert (stats.accepted, stats.duplicates, stats.rejected) == (2, 1, {"seq_reused": 1})

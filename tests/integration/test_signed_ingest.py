@@ -170,6 +170,50 @@ def test_a_device_that_lost_its_spool_renumbers_above_its_mark(
                   window_base + 3 * WINDOW_S) == total
 
 
+def test_a_lost_spool_within_the_reorder_window_renumbers_too(
+        signed_aggregator, pki: Path, spec: Spec, window_base: int, cohort_rpc,
+        tmp_path: Path) -> None:
+    """Seqs 1-2 were merged in the device's earlier life; its new spool starts at 1 again,
+    well within the reorder window: the new seq 1 has other bytes, so it is not taken for a
+    resend (SEQ_REUSED, answered STALE_SEQ) and the agent renumbers above the mark."""
+    issue_keys(pki, "cam-8")
+    key_file = pki / "devices" / "cam-8.sign.key"
+    rng = np.random.default_rng(6)
+
+    def run_life(spool: str, first_window: int, windows: int) -> int:
+        clock = SimClock(window_base + first_window * WINDOW_S + 1.0)
+        mon = Monitor(spec.model, spec.model_version, "cam-8", labels={"region": "eu"},
+                      aggregator=signed_aggregator.target, spool_dir=tmp_path / spool,
+                      clock=clock, background=False, grace_s=0.0, signing_key=key_file)
+        n_total = 0
+        try:
+            for w in range(first_window, first_window + windows):
+                n = 20 + w
+                clock.t = window_base + w * WINDOW_S + 5.0
+                mon.observe_batch({"temp": rng.normal(0, 1, n),
+                                   "speed": rng.exponential(20, n),
+                                   "scene": rng.choice(SCENES, n)},
+                                  predictions=rng.uniform(0, 1, n),
+                                  latency_ms=rng.lognormal(3, 0.5, n))
+                n_total += n
+            clock.t = window_base + (first_window + windows) * WINDOW_S + 1.0
+            assert mon.flush(timeout_s=20.0) is True
+            assert mon.stats().spool.pending == 0
+        finally:
+            mon.close(timeout_s=5.0)
+        return n_total
+
+    total = run_life("first-life", 0, 2)             # seqs 1, 2
+    # Seqs 1-3 again: renumbered to 4-6 (above the mark, 2, and above every seq this spool
+    # handed out, 3: a spool never numbers two reports alike).
+    total += run_life("second-life", 2, 3)
+    ing = signed_aggregator.ingestor
+    assert ing.accepted == 5 and dict(ing.rejected) == {"seq_reused": 1}
+    assert signed_aggregator.store.high_water_mark("cam-8") == 6
+    assert events(cohort_rpc, signed_aggregator, window_base,
+                  window_base + 5 * WINDOW_S) == total
+
+
 def _flip(b: bytes, i: int = 0) -> bytes:
     return b[:i] + bytes([b[i] ^ 1]) + b[i + 1:]
 

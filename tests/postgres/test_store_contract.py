@@ -238,6 +238,19 @@ def test_a_report_is_merged_once(store: Store) -> None:
     assert store.device_count(SPEC.hash, all_ids(store), T0, T0 + W) == 2
 
 
+def test_other_bytes_under_a_stored_seq_are_not_a_duplicate(store: Store) -> None:
+    """A resend is byte-identical; a different envelope under a stored (device, seq) is a new
+    report under a used seq (a device that lost its spool): never merged, and told apart
+    from a duplicate so that the device renumbers instead of letting its data go."""
+    rng = np.random.default_rng(4)
+    s, _, _ = make_summary(rng, 5)
+    assert store.ingest(meta("d1", 1), b"first life", s, RES) is IngestOutcome.ACCEPTED
+    assert store.ingest(meta("d1", 1), b"second life", s, RES) is IngestOutcome.SEQ_REUSED
+    assert store.ingest(meta("d1", 1), b"first life", s, RES) is IngestOutcome.DUPLICATE
+    assert store.ingest(meta("d1", 2), b"second life", s, RES) is IngestOutcome.ACCEPTED
+    assert events_in(store, [(W, T0 - DAY_S, T0 + DAY_S)], ()) == 10
+
+
 def test_replay_rule(make_store: Callable[..., Store]) -> None:
     store = make_store(reorder_window=100)
     store.put_spec(SPEC)
