@@ -35,6 +35,7 @@ KS and Wasserstein use clamped, renormalized proportions without the EPS floor (
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -241,32 +242,25 @@ def feature_drift(feature: FeatureSpec, current: np.ndarray) -> DriftScores:
     empty = DriftScores(0, _NAN, _NAN, _NAN, _NAN, _NAN, _NAN)
     if not feature.reference_counts:
         return empty
-    r = _as_counts(feature.reference_counts, f"{feature.name}.reference_counts")
-    if r.size != n:  # FeatureSpec already checks this; kept for hand-built inputs
-        raise ValidationError(
-            f"{feature.name}.reference_counts", f"expected {n} counts, got {r.size}")
+    ref = _reference_side(feature)
 
     clamped = np.clip(c, 0.0, None)
-    pr, pc = _normalize(r), _normalize(c)
-    if pr is None or pc is None:
+    pc = _normalize(c)
+    if ref.pr is None or pc is None:
         return empty
 
-    fr, fc = _floor(pr, EPS), _floor(pc, EPS)
-    psi_value = _psi(fr, fc)
-    js_value = _js_distance(fr, fc)
+    fc = _floor(pc, EPS)
+    psi_value = _psi(ref.fr, fc)
+    js_value = _js_distance(ref.fr, fc)
     missing_rate = float(clamped[feature.missing_index] / clamped.sum())
 
     ks_value = w1 = w1_norm = _NAN
     if feature.type == NUMERIC:
-        or_, oc = _normalize(r[:-1]), _normalize(c[:-1])
+        or_, oc = ref.ordered, _normalize(c[:-1])
         if or_ is not None and oc is not None:
-            pts = bin_points(feature)
             ks_value = float(np.max(np.abs(np.cumsum(or_) - np.cumsum(oc))))
-            w1 = _wasserstein(pts, or_, oc)
-            if np.count_nonzero(or_) > 1:  # a one-point reference has standard deviation 0
-                mean = float(np.sum(or_ * pts))
-                std = math.sqrt(float(np.sum(or_ * (pts - mean) ** 2)))
-                w1_norm = w1 / std if std > 0 else _NAN
+            w1 = _wasserstein(ref.points, or_, oc)
+            w1_norm = w1 / ref.std if ref.std > 0 else _NAN
 
     return DriftScores(
         count=int(np.clip(raw, 0, None).astype(np.int64).sum()),
@@ -277,6 +271,41 @@ def feature_drift(feature: FeatureSpec, current: np.ndarray) -> DriftScores:
         wasserstein_norm=w1_norm,
         missing_rate=missing_rate,
     )
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """What `feature_drift` derives from a feature's reference alone (read-only arrays)."""
+
+    pr: np.ndarray | None        # proportions (None: an all-zero reference)
+    fr: np.ndarray | None        # floored proportions
+    ordered: np.ndarray | None   # the ordered part (no missing bin), renormalized
+    points: np.ndarray | None    # numeric bins' support points
+    std: float                   # of the ordered reference over the points (0: undefined)
+
+
+@functools.lru_cache(maxsize=4096)  # per feature spec: a fleet query scores every cohort
+def _reference_side(feature: FeatureSpec) -> _Reference:
+    n = feature.histogram_length
+    r = _as_counts(feature.reference_counts, f"{feature.name}.reference_counts")
+    if r.size != n:  # FeatureSpec already checks this; kept for hand-built inputs
+        raise ValidationError(
+            f"{feature.name}.reference_counts", f"expected {n} counts, got {r.size}")
+    pr = _normalize(r)
+    fr = None if pr is None else _floor(pr, EPS)
+    ordered = points = None
+    std = 0.0
+    if feature.type == NUMERIC:
+        ordered = _normalize(r[:-1])
+        points = bin_points(feature)
+        if ordered is not None and np.count_nonzero(ordered) > 1:
+            # (a one-point reference has standard deviation 0: no normalized Wasserstein)
+            mean = float(np.sum(ordered * points))
+            std = math.sqrt(float(np.sum(ordered * (points - mean) ** 2)))
+    for a in (pr, fr, ordered, points):
+        if a is not None:
+            a.flags.writeable = False
+    return _Reference(pr, fr, ordered, points, std)
 
 
 # Bins whose noisy count is below this many noise standard deviations are read as empty.

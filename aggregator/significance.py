@@ -75,6 +75,7 @@ Flagging: `is_drifting` = PSI > threshold, PSI's p-value < alpha, and not insuff
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -339,20 +340,41 @@ def tail_p_value(null_sorted: np.ndarray, observed: float) -> float:
     lighter than the exponential fitted further in, so the estimate errs on the side of
     larger p-values (fewer false flags).
     """
-    n = int(null_sorted.size)
-    finite = null_sorted[np.isfinite(null_sorted)]
-    k = max(10, int(math.ceil(TAIL_FRACTION * n)))
-    if math.isnan(observed) or finite.size <= k:
-        return p_value(null_sorted, observed)
-    u = float(finite[-k - 1])
-    if observed <= u:
-        return p_value(null_sorted, observed)
-    excess = finite[-k:] - u
-    scale = float(excess.mean())
-    q = (k + (n - finite.size)) / (n + 1)  # draws above u, empty-histogram draws included
-    if scale <= 0:
-        return q if observed <= float(finite[-1]) else 1.0 / (n + 1)
-    return max(q * math.exp(-(observed - u) / scale), 1e-300)
+    return _TailFit.of(null_sorted).p_value(observed)
+
+
+@dataclass(frozen=True)
+class _TailFit:
+    """`tail_p_value`'s fit to one sorted null, made once per null (the cache keeps it with
+    the null: a fleet query asks it for every drifting feature of every cohort)."""
+
+    null_sorted: np.ndarray
+    n: int
+    k: int
+    finite_size: int
+    u: float
+    top: float
+    scale: float
+
+    @classmethod
+    def of(cls, null_sorted: np.ndarray) -> _TailFit:
+        n = int(null_sorted.size)
+        finite = null_sorted[np.isfinite(null_sorted)]
+        k = max(10, int(math.ceil(TAIL_FRACTION * n)))
+        if finite.size <= k:
+            return cls(null_sorted, n, k, int(finite.size), math.nan, math.nan, math.nan)
+        u = float(finite[-k - 1])
+        scale = float((finite[-k:] - u).mean())
+        return cls(null_sorted, n, k, int(finite.size), u, float(finite[-1]), scale)
+
+    def p_value(self, observed: float) -> float:
+        if math.isnan(observed) or self.finite_size <= self.k or observed <= self.u:
+            return p_value(self.null_sorted, observed)
+        # draws above u, empty-histogram draws included
+        q = (self.k + (self.n - self.finite_size)) / (self.n + 1)
+        if self.scale <= 0:
+            return q if observed <= self.top else 1.0 / (self.n + 1)
+        return max(q * math.exp(-(observed - self.u) / self.scale), 1e-300)
 
 
 def p_value(null_sorted: np.ndarray | None, observed: float) -> float:
@@ -469,6 +491,7 @@ def _noise_representative(bucket: int) -> float:
     return 10.0 ** (bucket / BUCKETS_PER_DECADE) - 1.0
 
 
+@functools.lru_cache(maxsize=4096)  # a JSON dump and a hash: asked twice per feature health
 def _feature_digest(feature: FeatureSpec) -> str:
     """Identity of everything the null depends on: name, type, bins and reference counts."""
     blob = json.dumps(feature.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -508,7 +531,7 @@ class SignificanceCache:
         self._entries: OrderedDict[tuple[str, str, int, int], _Entry] = OrderedDict()
         # PSI-only nulls with many more draws, made only for scores beyond the small null
         # (to resolve p-values down to a multiple-testing-corrected alpha).
-        self._fine: OrderedDict[tuple[str, str, int, int, int], np.ndarray] = OrderedDict()
+        self._fine: OrderedDict[tuple[str, str, int, int, int], _TailFit] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -541,7 +564,7 @@ class SignificanceCache:
         return entry
 
     def _fine_psi(self, feature: FeatureSpec, count: int, variance: float,
-                  samples: int) -> np.ndarray:
+                  samples: int) -> _TailFit:
         digest = _feature_digest(feature)
         kc, kv = count_bucket(count), noise_bucket(variance)
         key = (feature.name, digest, kc, kv, samples)
@@ -553,8 +576,9 @@ class SignificanceCache:
         model = NullModel.for_feature(feature, _count_representative(kc),
                                       _noise_representative(kv))
         seed = [self.seed, int(digest[:16], 16), kc, kv, samples]
-        null = simulate_null(model, samples, seed, resample_reference=self.resample_reference,
-                             noise=self.noise, scores="psi").psi
+        null = _TailFit.of(simulate_null(model, samples, seed,
+                                         resample_reference=self.resample_reference,
+                                         noise=self.noise, scores="psi").psi)
         with self._lock:
             self._fine[key] = null
             while len(self._fine) > max(16, self.max_entries // 100):  # each is large
@@ -585,8 +609,7 @@ class SignificanceCache:
         if min_p is not None and 0 < min_p < p_psi <= 2.0 / (null.psi.size + 1):
             # Beyond (almost) every draw of the small null: a larger PSI-only null, and past
             # its own top percent an exponential tail fitted to it (peaks over threshold).
-            fine = self._fine_psi(feature, int(count), v, FINE_SAMPLES)
-            p_psi = tail_p_value(fine, scores.psi)
+            p_psi = self._fine_psi(feature, int(count), v, FINE_SAMPLES).p_value(scores.psi)
         return Significance(
             p_psi=p_psi,
             p_js=p_value(null.js, scores.js_distance),
