@@ -321,21 +321,70 @@ class RssSampler(threading.Thread):
 # -- the run ------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def fresh_postgres_database(server_dsn: str) -> Iterator[str]:
+    """A new, empty database on the server of ``server_dsn`` (a postgresql:// URL), dropped
+    afterwards; yields its URL."""
+    import urllib.parse
+
+    import psycopg
+
+    name = f"fw_load_{os.urandom(4).hex()}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = urllib.parse.urlsplit(server_dsn)
+    try:
+        yield urllib.parse.urlunsplit(url._replace(path=f"/{name}"))
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def stored_reports(db: str | pathlib.Path) -> int:
+    if str(db).startswith(("postgresql://", "postgres://")):
+        import psycopg
+        with psycopg.connect(str(db)) as conn:
+            row = conn.execute("SELECT COUNT(*) FROM reports").fetchone()
+            return int(row[0]) if row else 0
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM reports").fetchone()[0])
+
+
 def run(duration_s: float, devices: int, security: Security, workers: int,
-        workdir: pathlib.Path, progress: Any = None) -> dict[str, Any]:
+        workdir: pathlib.Path, progress: Any = None, postgres: str | None = None,
+        replicas: int = 1) -> dict[str, Any]:
+    """With ``postgres`` (a server URL) the aggregators share a fresh database there:
+    ``replicas`` `fleetwatch serve` processes, the devices spread over them round-robin."""
+    with contextlib.ExitStack() as stack:
+        db: str | pathlib.Path = workdir / "aggregator.sqlite"
+        if postgres:
+            db = stack.enter_context(fresh_postgres_database(postgres))
+        elif replicas != 1:
+            raise UsageError("--replicas needs --postgres (replicas share one database)")
+        return _run(duration_s, devices, security, workers, workdir, progress, db, replicas)
+
+
+def _run(duration_s: float, devices: int, security: Security, workers: int,
+         workdir: pathlib.Path, progress: Any, db: str | pathlib.Path,
+         replicas: int) -> dict[str, Any]:
     say = progress or (lambda message: None)
     device_ids = [f"load-{i:04d}" for i in range(devices)]
     security.prepare(device_ids)
     spec = build_spec()
     templates = template_reports(spec, workdir)
-    port = free_port()
-    target = f"127.0.0.1:{port}"
-    db = workdir / "aggregator.sqlite"
-    with aggregator_process(db, port, security, workers, workdir / "serve.log") as proc:
+    ports = [free_port() for _ in range(replicas)]
+    targets = [f"127.0.0.1:{port}" for port in ports]
+    target = targets[0]
+    with contextlib.ExitStack() as servers:
+        procs = [servers.enter_context(aggregator_process(
+            db, port, security, workers, workdir / f"serve-{i}.log"))  # type: ignore[arg-type]
+            for i, port in enumerate(ports)]
+        proc = procs[0]
         with security.channel(target, None) as admin_channel:
             admin = pb_grpc.AdminStub(admin_channel)
             admin.PushSpec(spec_to_proto(spec), timeout=30, wait_for_ready=True)
-            channels = [security.channel(target, d) for d in device_ids]
+            channels = [security.channel(targets[i % replicas], d)
+                        for i, d in enumerate(device_ids)]
             try:
                 for c in channels:  # connect (and handshake) before the clock starts
                     grpc.channel_ready_future(c).result(timeout=30)
@@ -368,9 +417,15 @@ def run(duration_s: float, devices: int, security: Security, workers: int,
             finally:
                 for c in channels:
                     c.close()
-            stats = admin.ServerStats(pb.ServerStatsRequest(), timeout=30)
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-        stored = conn.execute("SELECT COUNT(*) FROM reports").fetchone()[0]
+            stats = [admin.ServerStats(pb.ServerStatsRequest(), timeout=30)]
+            for t in targets[1:]:
+                with security.channel(t, None) as other:
+                    stats.append(pb_grpc.AdminStub(other).ServerStats(
+                        pb.ServerStatsRequest(), timeout=30))
+    stored = stored_reports(db)
+    rejected: collections.Counter[str] = collections.Counter()
+    for st in stats:
+        rejected.update(dict(st.rejected))
 
     latencies = np.concatenate([np.asarray(r.latencies_s) for r in results]) \
         if any(r.latencies_s for r in results) else np.zeros(0)
@@ -404,9 +459,12 @@ def run(duration_s: float, devices: int, security: Security, workers: int,
         # the end reading is taken after the last sample, so it counts toward the maximum
         "rss_max_mb": round(max([rss for _, rss in samples] + [rss_end]) / mb, 1),
         "rss_samples_mb": [[round(t, 1), round(rss / mb, 1)] for t, rss in samples],
-        "server_accepted": stats.accepted,
-        "server_duplicates": stats.duplicates,
-        "server_rejected": dict(stats.rejected),
+        "replicas": replicas,
+        "database": "postgresql" if str(db).startswith("postgres") else "sqlite",
+        "server_accepted": sum(st.accepted for st in stats),
+        "server_accepted_by_replica": [st.accepted for st in stats],
+        "server_duplicates": sum(st.duplicates for st in stats),
+        "server_rejected": dict(rejected),
         "stored_reports": int(stored),
     }
 
@@ -428,6 +486,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", metavar="DIR",
                    help="keep the database, the log and the template spools here (default: a "
                    "temporary directory, deleted afterwards)")
+    p.add_argument("--postgres", metavar="URL",
+                   help="store in a fresh database on this PostgreSQL server (e.g. "
+                   "postgresql://postgres@127.0.0.1:5432/postgres), dropped afterwards; "
+                   "default: a SQLite file")
+    p.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="aggregator processes on the one database, devices spread over them "
+                   "(needs --postgres; default: %(default)s)")
     ns = p.parse_args(argv)
     if not ns.duration > 0 or ns.devices < 1 or ns.workers < 1:
         p.error("--duration must be > 0, --devices and --workers at least 1")
@@ -443,8 +508,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             workdir = pathlib.Path(stack.enter_context(
                 tempfile.TemporaryDirectory(prefix="fleetwatch-load-")))
-        result = run(ns.duration, ns.devices, security, ns.workers, workdir,
-                     progress=lambda m: print(m, file=sys.stderr, flush=True))
+        try:
+            result = run(ns.duration, ns.devices, security, ns.workers, workdir,
+                         progress=lambda m: print(m, file=sys.stderr, flush=True),
+                         postgres=ns.postgres, replicas=ns.replicas)
+        except UsageError as e:
+            print(f"load_test: {e}", file=sys.stderr)
+            return 2
     samples = result.pop("rss_samples_mb")
     print(json.dumps(result, indent=2))
     if ns.json:
