@@ -57,7 +57,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-BENCHES = ("agent-batch", "agent-event", "footprint", "report-size", "ingest", "query")
+BENCHES = ("agent-batch", "agent-event", "footprint", "report-size", "ingest", "query",
+           "central")
 FEATURES = 12
 BINS = 20  # interior bins per feature: 21 edges, plus underflow, overflow and missing
 ECHO_METHOD = "/fleetwatch.bench.Echo/Report"
@@ -75,12 +76,15 @@ class Sizes:
     query_hours: int = 24
     query_runs: int = 10
     query_budget_s: float = 120.0
+    central_devices: int = 500      # devices per forwarded report (one label set's window)
+    central_reports: int = 40
     repeats: int = 3
 
 
 QUICK = Sizes(batch_events=20_000, event_calls=2_000, window_events=1_000, ingest_devices=3,
               ingest_duration_s=1.5, query_devices=40, query_cohorts=4, query_hours=2,
-              query_runs=3, query_budget_s=10.0, repeats=1)
+              query_runs=3, query_budget_s=10.0, central_devices=20, central_reports=3,
+              repeats=1)
 
 
 @dataclass(frozen=True)
@@ -650,6 +654,84 @@ def bench_query(sizes: Sizes, workdir: pathlib.Path, peer: dict[str, Any] | None
             Figure("query-p99", p99, "ms", bare_s * 1000, "value < 200", what)]
 
 
+# -- 7. the central tier (issue 8) ---------------------------------------------------------------
+
+
+def bench_central(sizes: Sizes, workdir: pathlib.Path, peer: dict[str, Any] | None,
+                  state: dict[str, Any]) -> list[Figure]:
+    """Device-windows per second a central aggregator's ingest path takes when they come
+    merged by regional aggregators (one forwarded report per label set and window, with
+    `central_devices` contributions), against device reports fed to the same path directly.
+    In process (Ingestor + SqliteStore with durable commits, one thread each): what a tier
+    costs per device beyond gRPC and TLS, which the ingest figure measures."""
+    from agent.summary import Summary
+    from agent.window import WindowAccumulator
+    from agent.wire import ReportMeta, report_from_proto, report_to_proto, summary_to_proto
+    from aggregator.ingest import Ingestor
+    from aggregator.store.sqlite import SqliteStore
+    from protos import fleetwatch_pb2 as pb
+
+    spec = numeric_spec(FEATURES)
+    cols = feature_columns(spec, 100)
+    k, n_reports = sizes.central_devices, sizes.central_reports
+    now = int(time.time())
+    first = (now - 6 * 3600) // spec.window_length_s * spec.window_length_s
+
+    def device_report(device: str, ws: int, seq: int) -> pb.WindowReport:
+        acc = WindowAccumulator(spec, ws)
+        acc.observe_batch(cols, None, np.full(100, 12.0), np.zeros(100, bool), 100)
+        meta = ReportMeta(device, spec.model, spec.model_version, {"region": "eu"}, ws,
+                          spec.window_length_s, seq, spec.hash, now * 1000, "bench")
+        return report_to_proto(meta, acc.to_summary())
+
+    one = device_report("d", first, 1)
+    _, single = report_from_proto(one)
+    merged = Summary.zero(spec)
+    for _ in range(k):
+        merged.merge_in(single)
+    merged_pb = summary_to_proto(merged)
+
+    def forwarded(i: int) -> bytes:
+        report = pb.WindowReport(
+            device_id="region-a", model=spec.model, model_version=spec.model_version,
+            labels={"region": "eu"}, window_start_unix_s=first + i * spec.window_length_s,
+            window_length_s=spec.window_length_s, seq=i + 1, spec_hash=spec.hash,
+            created_unix_ms=now * 1000, merged=merged_pb,
+            contributions=[pb.Contribution(device_id=f"dev-{j:06d}", reports=1)
+                           for j in range(k)])
+        return pb.ReportEnvelope(report=report.SerializeToString()).SerializeToString()
+
+    fwd = [forwarded(i) for i in range(n_reports)]
+    direct_n = max(20, n_reports * 5)
+    direct = [pb.ReportEnvelope(report=device_report(
+        f"dev-{i % k:06d}", first + (i // k) * spec.window_length_s, i + 1
+    ).SerializeToString()).SerializeToString() for i in range(direct_n)]
+
+    def rate(envelopes: list[bytes], name: str, per: int) -> float:
+        store = SqliteStore(workdir / f"central-{name}.sqlite")
+        try:
+            store.put_spec(spec)
+            ingestor = Ingestor(store)
+            t0 = time.perf_counter()
+            for env in envelopes:
+                ingestor.ingest(env)
+            elapsed = time.perf_counter() - t0
+            if ingestor.accepted != len(envelopes):
+                raise RuntimeError(f"central bench: {ingestor.stats()}")
+        finally:
+            store.close()
+        return len(envelopes) * per / elapsed
+
+    say(f"central: {n_reports} forwarded reports of {k} devices vs {direct_n} device reports")
+    via_region = rate(fwd, "forwarded", k)
+    direct_rate = rate(direct, "direct", 1)
+    state["central"] = {"devices_per_forwarded_report": k, "forwarded_reports": n_reports,
+                        "device_windows_per_s": via_region, "direct_reports_per_s": direct_rate}
+    return [Figure("central-devices", via_region, "device-windows/s", direct_rate, "",
+                   f"in process, one thread: forwarded reports of {k} devices vs device "
+                   "reports, durable commits")]
+
+
 # -- the table -----------------------------------------------------------------------------------
 
 RUNNERS = {
@@ -659,6 +741,7 @@ RUNNERS = {
     "report-size": bench_report_size,
     "ingest": bench_ingest,
     "query": bench_query,
+    "central": bench_central,
 }
 
 

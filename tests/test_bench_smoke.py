@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "bench.py"
 KEYS = {"name", "value", "unit", "baseline", "ratio", "goal", "met"}
 EXPECTED = {"agent-batch", "agent-event", "agent-rss", "agent-start", "report-size", "ingest",
-            "query-p50", "query-p99"}
+            "query-p50", "query-p99", "central-devices"}
 
 
 def run_bench(tmp_path: pathlib.Path, *args: str) -> tuple[list[dict], str]:
@@ -46,6 +46,10 @@ def test_quick_run_writes_every_figure(tmp_path: pathlib.Path) -> None:
     assert by_name["ingest"]["goal"] == "ratio >= 0.5"
     assert by_name["query-p99"]["goal"] == "value < 200"
     assert by_name["query-p99"]["met"] == (by_name["query-p99"]["value"] < 200)
+    # The tier bench: per device, a forwarded report costs the central less than a report.
+    central = by_name["central-devices"]
+    assert central["unit"] == "device-windows/s" and central["met"] is None
+    assert central["value"] > central["baseline"] > 0
     assert by_name["query-p50"]["value"] <= by_name["query-p99"]["value"]
     # met follows from the figures (a ratio goal read the right way round).
     batch = by_name["agent-batch"]
