@@ -123,7 +123,11 @@ def test_the_latency_incident_is_ranked_first_along_each_key(fleet: Fleet) -> No
     by_key = _by_key(resp)
     assert set(by_key) == {"region", "hw"}
     assert (by_key["hw"][0].value, by_key["region"][0].value) == ("pi", "us")
-    assert (resp.contributions[0].key, resp.contributions[0].value) == ("hw", "pi")
+    # Across keys, removing hw=pi and removing region=us both remove the whole incident and
+    # leave clean cohorts only: their p95s differ by less than the KLL rank error, so which
+    # of the two ranks first is a coin toss (it was asserted once and failed 1 run in ~10).
+    assert (resp.contributions[0].key, resp.contributions[0].value) in {("hw", "pi"),
+                                                                        ("region", "us")}
     assert len(by_key["region"]) == len(CONFIG.regions) and len(by_key["hw"]) == 2
     # The fleet is well past its reference, and removing the incident's cohort brings most of
     # it back: the share of the regression is large and positive.
@@ -278,10 +282,11 @@ def test_the_cli_prints_a_ranked_table_and_a_verdict(fleet: Fleet,
                    "events"):
         assert column in lines[header]
     first = lines[header + 2].split()
-    assert first[:2] == ["hw", "pi"]
+    assert first[:2] in (["hw", "pi"], ["region", "us"])  # a tie within the rank error
+    top, other = ("hw=pi", "region=us") if first[:2] == ["hw", "pi"] else ("region=us", "hw=pi")
     verdict = lines[-1]
-    assert verdict.startswith("latency_p95_ms: ") and "of the regression comes from hw=pi" \
-        in verdict and "(region=us: " in verdict, verdict
+    assert verdict.startswith("latency_p95_ms: ") and f"of the regression comes from {top}" \
+        in verdict and f"({other}: " in verdict, verdict
     assert "\033[" not in out  # captured output is no terminal: no color
 
     assert main(_cli(fleet, "--metric", "psi:brightness", "--by", "region", "--json")) == 0
