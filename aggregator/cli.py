@@ -105,6 +105,15 @@ def parse_duration(text: str) -> float:
     return total
 
 
+def _retain_raw(text: str) -> float | None:
+    if text.strip().lower() == "forever":
+        return None
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise UsageError(f"--retain-raw: {text!r} must be positive (or 'forever')")
+    return seconds
+
+
 def _parse_time(text: str) -> int:
     """Unix seconds, or an ISO-8601 timestamp (UTC when it has no offset)."""
     if re.fullmatch(r"\d+", text):
@@ -221,7 +230,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         signing_keys_dir=ns.tls_dir, require_signatures=ns.require_signatures,
         http_listen=ns.http, metrics_groupings=_metrics_groupings(ns.metrics_by),
         metrics_range_s=parse_duration(ns.metrics_range),
-        metrics_max_cohorts=ns.metrics_max_cohorts, forward=_forward_config(ns))
+        metrics_max_cohorts=ns.metrics_max_cohorts, forward=_forward_config(ns),
+        retain_raw_s=_retain_raw(ns.retain_raw))
     stop = threading.Event()
     with serve(config) as running:  # a bad rule file raises here: exit code 2
         previous = {sig: signal.signal(sig, lambda *_: stop.set())
@@ -697,6 +707,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "key (default: on with --tls-dir; --no-require-signatures still verifies "
                    "signed reports but takes unsigned ones)")
     p.add_argument("--workers", type=int, default=8, help="RPC worker threads (default: 8)")
+    p.add_argument("--retain-raw", metavar="DUR", default="7d",
+                   help="keep each report's raw envelope this long after its window, then "
+                   "drop the bytes (its row, rollups and counts stay, and it still "
+                   "deduplicates); 'forever' keeps them (default: %(default)s)")
     g = p.add_argument_group("alerting (docs/alerts.md)")
     g.add_argument("--rules", metavar="FILE",
                    help="alert rules (TOML), validated at start; without it no alerts")
@@ -728,7 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also forward each closed window, merged, to this central aggregator")
     g.add_argument("--upstream-id", metavar="NAME", default=None,
                    help="this regional aggregator's name there (its certificate's, from "
-                   "`fleetwatch certs issue-aggregator --name NAME`)")
+                   "`fleetwatch certs issue-aggregator --name NAME`); the same on every "
+                   "replica of a region")
     g.add_argument("--upstream-cacert", metavar="FILE", help="the upstream's CA (ca.pem)")
     g.add_argument("--upstream-cert", metavar="FILE",
                    help="this regional's client certificate (aggregators/NAME.pem)")

@@ -2,7 +2,10 @@
 
 A regional aggregator (`fleetwatch serve --upstream HOST:PORT --upstream-id NAME`) is a normal
 aggregator for its devices and also forwards. Its store records every accepted report in
-`forward_pending` in the report's own ingest transaction (`SqliteStore(forwarding=True)`).
+`forward_pending` in the report's own ingest transaction (`SqliteStore(forwarding=True)`, or
+`PostgresStore(forwarding=True)` for a region of several replicas: then the outbox is
+`aggregator.forward_pg.PostgresForwardOutbox` and only the holder of the "forward" lease builds
+and sends).
 Here, per (spec, label set, window), once the window is closed in event time (every active
 sender's newest window is past it: the watermark) or idle (no report for it for ``idle_s``),
 the pending reports are merged into one forwarded report (`WindowReport.merged` and its
@@ -29,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from agent.errors import ConfigError
 from agent.signing import ReportSigner
@@ -39,15 +43,18 @@ from agent.upload import Backoff, DeliveryResult, Uploader
 from agent.wire import summary_from_proto, summary_to_proto
 from aggregator.certs import check_id
 from aggregator.keys import AGGREGATOR_KEY_PREFIX
-from aggregator.store.base import Contribution, parse_labels
+from aggregator.store.base import Contribution, Store, parse_labels
 from aggregator.store.sqlite import contributions_from_blob
 from protos import fleetwatch_pb2 as pb
 
-__all__ = ["ForwardConfig", "ForwardOutbox", "Forwarder"]
+__all__ = ["FORWARD_LEASE", "ForwardConfig", "ForwardOutbox", "Forwarder", "Outbox"]
 
 logger = logging.getLogger(__name__)
 
 AGENT_VERSION = "fleetwatch-regional"
+# The lease (`Store.try_lead`) whose holder builds and sends a region's forwarded reports;
+# apart from the alert lease, so the two may sit on different replicas.
+FORWARD_LEASE = "forward"
 
 _OUTBOX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS forward_outbox (
@@ -108,6 +115,32 @@ class ForwardConfig:
             return None
         return ReportSigner.from_pem_file(self.signing_key,
                                           key_id=AGGREGATOR_KEY_PREFIX + self.upstream_id)
+
+
+class Outbox(Protocol):
+    """What the Forwarder needs of an outbox: `ForwardOutbox` (SQLite) or
+    `aggregator.forward_pg.PostgresForwardOutbox`. Also the `Spool` interface of
+    `agent.upload.Uploader` (pending, ack, dead_letter, renumber_above)."""
+
+    dead_letters: int
+
+    def open_groups(self) -> list[tuple[str, int, int, int]]: ...
+
+    def build(self, groups: list[tuple[str, int, int]],
+              spec_of: Callable[[str], Spec | None], upstream_id: str,
+              signer: ReportSigner | None, max_contributions: int) -> int: ...
+
+    def pending(self, limit: int = 100) -> list[SpooledReport]: ...
+
+    def ack(self, seq: int) -> None: ...
+
+    def dead_letter(self, seq: int, reason: str) -> None: ...
+
+    def renumber_above(self, mark: int, rebuild: Callable[[bytes, int], bytes]) -> int: ...
+
+    def counts(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
 
 
 class ForwardOutbox:
@@ -308,12 +341,38 @@ class Forwarder:
     windows and delivers the outbox. ``on_accepted`` is the Ingestor's hook (the event-time
     watermark); ``spec_of(hash)`` looks specs up in the store."""
 
-    def __init__(self, db: str | pathlib.Path, config: ForwardConfig,
-                 spec_of: Callable[[str], Spec | None]) -> None:
+    def __init__(self, db: str | pathlib.Path | Outbox, config: ForwardConfig,
+                 spec_of: Callable[[str], Spec | None], store: Store | None = None) -> None:
+        """``db``: the regional's SQLite path, a ``postgresql://`` DSN, or an outbox.
+        ``store``: the regional's store; with it, the Forwarder builds and sends only while
+        it holds the store's "forward" lease (`Store.try_lead`; a SQLite store always
+        leads). A shared (PostgreSQL) outbox needs it: several replicas use it, and the
+        event-time watermark is read from the store's `sender_activity` (every replica's
+        reports) instead of this process's own ones."""
         self.config = config
         self.spec_of = spec_of
+        self.store = store
         self._signer = config.signer()   # a bad key file fails before anything starts
-        self.outbox = ForwardOutbox(db)
+        if isinstance(db, (str, pathlib.Path)):
+            if str(db).startswith(("postgresql://", "postgres://")):
+                from aggregator.forward_pg import PostgresForwardOutbox  # loads psycopg
+
+                db = PostgresForwardOutbox(str(db))
+            else:
+                db = ForwardOutbox(db)
+        self.outbox: Outbox = db
+        self._shared = bool(getattr(db, "shared", False))
+        if self._shared and store is None:
+            raise ValueError("a shared (PostgreSQL) forwarding outbox needs the store")
+        claim = getattr(db, "claim_upstream_id", None)
+        if claim is not None:   # several replicas, one upstream identity
+            try:
+                claim(config.upstream_id)
+            except BaseException:
+                db.close()
+                raise
+        self._leading = False
+        self.lead_changes = 0   # times this process gained the forwarding lease
         self._channel = make_channel(config.upstream, config.tls,
                                      backoff_base_s=config.backoff_base_s,
                                      backoff_cap_s=config.backoff_cap_s)
@@ -330,6 +389,8 @@ class Forwarder:
                                         daemon=True)
 
     def on_accepted(self, spec_hash: str, window_start: int, sender: str) -> None:
+        if self._shared:
+            return   # the watermark comes from the database (every replica's senders)
         now = time.monotonic()
         with self._lock:
             senders = self._senders.setdefault(spec_hash, {})
@@ -340,6 +401,12 @@ class Forwarder:
         """The oldest newest-window of the senders active lately: every window before it is
         closed in event time (no active sender will report it, except late)."""
         horizon = now - (3 * spec.window_length_s + self.config.idle_s)
+        if self._shared:
+            # Every replica's senders, from the database (wall clock: received_ms is).
+            assert self.store is not None
+            since_ms = int((time.time() - 3 * spec.window_length_s - self.config.idle_s) * 1000)
+            active = self.store.sender_activity(spec.hash, since_ms)
+            return min((ws for ws, _ in active.values()), default=None)
         with self._lock:
             senders = self._senders.get(spec.hash, {})
             for gone in [s for s, (_, seen) in senders.items() if seen < horizon]:
@@ -379,10 +446,36 @@ class Forwarder:
         return (self._signer.envelope(data) if self._signer is not None
                 else pb.ReportEnvelope(report=data).SerializeToString())
 
+    def _lead(self) -> bool:
+        """Whether this process builds and sends this tick (holds the "forward" lease)."""
+        if self.store is None:
+            return True
+        try:
+            leading = bool(self.store.try_lead(FORWARD_LEASE))
+        except Exception:
+            logger.exception("forward: cannot take or check the %r lease", FORWARD_LEASE)
+            leading = False
+        if leading and not self._leading:
+            self.lead_changes += 1
+            self._backoff.reset()
+            logger.info("forward: this replica forwards for the region (%r lease)",
+                        FORWARD_LEASE)
+        elif self._leading and not leading:
+            logger.warning("forward: lost the %r lease; another replica forwards",
+                           FORWARD_LEASE)
+        self._leading = leading
+        return leading
+
+    @property
+    def leading(self) -> bool:
+        """Whether this process held the forwarding lease at its last tick."""
+        return self._leading
+
     def stats(self) -> dict[str, int]:
         out = self.outbox.counts()
         with self._lock:
             out["forwarded"] = self.forwarded
+        out["leading"] = int(self._leading)
         out["sent"] = self.uploader.sent
         out["duplicates"] = self.uploader.duplicates
         out["dead_letters"] = self.outbox.dead_letters
@@ -392,6 +485,11 @@ class Forwarder:
         retry_at = 0.0
         while not self._stop.is_set():
             try:
+                if not self._lead():
+                    retry_at = 0.0   # a new leader sends at once
+                    self._wake.wait(self.config.tick_s)
+                    self._wake.clear()
+                    continue
                 self.build_once()
                 if time.monotonic() >= retry_at:
                     result = self.uploader.deliver(

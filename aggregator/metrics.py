@@ -238,6 +238,8 @@ _FORWARDING = (
     ("pending", "Accepted reports not yet in a forwarded report.", False),
     ("outbox", "Forwarded reports not yet acknowledged by the upstream.", False),
     ("dead_letter_rows", "Forwarded reports kept in forward_dead_letters.", False),
+    ("leading", "1 if this replica holds the region's forwarding lease (builds and sends).",
+     False),
 )
 
 

@@ -39,8 +39,9 @@ from aggregator.keys import DeviceKeys
 from aggregator.loopback import is_loopback
 from aggregator.metrics import AlertCounter, Metrics, MetricsConfig
 from aggregator.notify import LogNotifier, MultiNotifier, Notifier, WebhookNotifier
+from aggregator.retention import RawRetention
 from aggregator.service import AdminService, IngestService, QueryService, ingest_handler
-from aggregator.store import SqliteStore, Store, describe_db, open_store
+from aggregator.store import Store, describe_db, open_store
 from aggregator.validate import Limits
 from protos import fleetwatch_pb2_grpc as pb_grpc
 
@@ -94,15 +95,17 @@ class AggregatorConfig:
     metrics_range_s: float = 300.0
     metrics_max_cohorts: int = 100
     # A regional aggregator (aggregator.forward, docs/scaling.md): also forward closed
-    # windows, merged, to the central tier. SQLite only (its outbox lives in the same file).
+    # windows, merged, to the central tier. Its outbox lives in its database (SQLite file,
+    # or the PostgreSQL database its replicas share: one of them forwards at a time).
     forward: ForwardConfig | None = None
+    # Raw report envelopes are dropped this long after their window (aggregator.retention);
+    # None keeps them. Rows, rollups and counts stay.
+    retain_raw_s: float | None = None
 
     def __post_init__(self) -> None:
-        if self.forward is not None and str(self.db).startswith(("postgresql://",
-                                                                 "postgres://")):
-            raise ConfigError("forward (--upstream): a regional aggregator keeps its forwarding "
-                              "outbox in its SQLite file; forwarding from a PostgreSQL store "
-                              "is not supported yet")
+        if self.retain_raw_s is not None and not self.retain_raw_s > 0:
+            raise ConfigError(f"retain_raw_s: must be positive (or None: keep forever), got "
+                              f"{self.retain_raw_s!r}")
         if self.require_signatures and self.signing_keys_dir is None:
             raise ConfigError("require_signatures: needs signing_keys_dir (--tls-dir), where "
                               "the devices' .sign.pub keys are")
@@ -192,6 +195,7 @@ class RunningAggregator:
     http_port: int | None = None   # None: no HTTP endpoint (AggregatorConfig.http_listen)
     metrics: Metrics | None = None
     forwarder: Forwarder | None = None   # a regional aggregator's (AggregatorConfig.forward)
+    retention: RawRetention | None = None  # AggregatorConfig.retain_raw_s
 
     @property
     def target(self) -> str:
@@ -206,12 +210,11 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
     # Read now: a bad file fails before the store opens. Reread while serving (rotation).
     certificates = None if config.tls_dir is None else ServerCertificates(config.tls_dir)
     credentials = None if certificates is None else certificates.grpc_credentials()
-    store = (open_store(config.db) if config.forward is None
-             else SqliteStore(config.db, forwarding=True))
+    store = open_store(config.db, forwarding=config.forward is not None)
     try:
         forwarder = (None if config.forward is None
                      else Forwarder(config.db, config.forward,
-                                    lambda h: store.get_spec("", spec_hash=h)))
+                                    lambda h: store.get_spec("", spec_hash=h), store=store))
     except BaseException:
         store.close()
         raise
@@ -292,6 +295,10 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
         evaluator.start()
     if forwarder is not None:
         forwarder.start()
+    retention = None
+    if config.retain_raw_s is not None:
+        retention = RawRetention(store, config.retain_raw_s)
+        retention.start()
     address = config.listen.rsplit(":", 1)[0] + f":{port}"
     if credentials is None:
         logger.warning("serving on %s WITHOUT TLS (loopback only) with database %s", address,
@@ -302,7 +309,7 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
     try:
         yield RunningAggregator(server, port, store, ingestor, evaluator,
                                 None if http_server is None else http_server.port, metrics,
-                                forwarder)
+                                forwarder, retention)
     finally:
         if http_server is not None:
             http_server.close()
@@ -314,6 +321,8 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
             evaluator.close(timeout_s=2.0)
         if forwarder is not None:
             forwarder.close()
+        if retention is not None:
+            retention.close()
         store.close()
 
 

@@ -14,16 +14,17 @@ __all__ = ["IngestOutcome", "LabelSet", "SqliteStore", "Store", "canonical_label
 _PG_SCHEMES = ("postgresql://", "postgres://")
 
 
-def open_store(db: str | pathlib.Path) -> Store:
+def open_store(db: str | pathlib.Path, *, forwarding: bool = False) -> Store:
     """A ``postgresql://`` (or ``postgres://``) DSN opens `PostgresStore`, anything else is a
     SQLite file path (`SqliteStore`). An unreachable server or a bad DSN raises
-    `agent.errors.ConfigError` naming the DSN without its password."""
+    `agent.errors.ConfigError` naming the DSN without its password. ``forwarding``: a
+    regional aggregator's store (records accepted reports in `forward_pending`)."""
     if isinstance(db, str) and db.startswith(_PG_SCHEMES):
         # Imported here: psycopg is only loaded by processes that use PostgreSQL.
         from aggregator.store.postgres import PostgresStore
 
-        return PostgresStore(db)
-    return SqliteStore(db)
+        return PostgresStore(db, forwarding=forwarding)
+    return SqliteStore(db, forwarding=forwarding)
 
 
 def describe_db(db: str | pathlib.Path) -> str:

@@ -218,6 +218,16 @@ class Store(Protocol):
         store always leads. Called often (every evaluator tick): cheap when already held."""
         ...
 
+    # -- retention (aggregator.retention) -------------------------------------------------------
+
+    def prune_raw(self, spec_hash: str, start: int, end: int) -> int:
+        """Drop the raw envelopes of the spec's reports whose window starts in [start, end),
+        keeping each report's row (its (device_id, seq) still deduplicates: a resend of a
+        pruned report is a DUPLICATE, never merged again) and everything derived from it
+        (rollups, device counts, privacy sums). One transaction; returns the envelopes
+        dropped."""
+        ...
+
     # -- alerting (aggregator.alerts.evaluator) -------------------------------------------------
 
     def window_range(self, spec_hash: str) -> tuple[int, int] | None:

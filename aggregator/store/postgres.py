@@ -8,13 +8,13 @@ How ingest stays exact and deadlock-free across replicas: every ingest transacti
 commit of the reports queued in this process, as in SqliteStore) takes its row locks in one
 global order: first its devices' rows (sorted), which serializes all writers of a device, so
 the dedup check and the REORDER_WINDOW replay rule read a stable high-water mark; then label
-sets, reports, spec label sets, contributions, device activity, rollups and sender activity,
-each sorted by key. Two transactions that lock in the same total order cannot wait on each
-other in a cycle; a deadlock or serialization failure all the same (a concurrent schema
-change, say) retries the whole transaction. Rollups are read-modify-write: an upsert locks
-each row (new or old) and returns what it held, the merge happens here, and an UPDATE writes
-it back before the commit. The caller is answered only after COMMIT (synchronous_commit as
-the server has it: on by default).
+sets, reports (and their forward_pending rows), spec label sets, contributions, device
+activity, rollups and sender activity, each sorted by key. Two transactions that lock in the
+same total order cannot wait on each other in a cycle; a deadlock or serialization failure
+all the same (a concurrent schema change, say) retries the whole transaction. Rollups are
+read-modify-write: an upsert locks each row (new or old) and returns what it held, the merge
+happens here, and an UPDATE writes it back before the commit. The caller is answered only
+after COMMIT (synchronous_commit as the server has it: on by default).
 
 Connections: one writer (the group commit's leader uses it), one reader per thread in
 autocommit, and one per held lease (`try_lead`: a session-level advisory lock lives as long
@@ -55,6 +55,7 @@ from aggregator.store.base import (
     parse_labels,
     time_cover,
 )
+from aggregator.store.sqlite import contributions_to_blob
 from protos import fleetwatch_pb2 as pb
 
 __all__ = ["MIGRATIONS", "PostgresStore", "SchemaTooNew", "is_postgres_dsn", "redact_dsn"]
@@ -182,9 +183,54 @@ CREATE TABLE alert_history (
 CREATE INDEX alert_history_by_model ON alert_history (model, state, id);
 """
 
+# Regional forwarding (`aggregator.forward`, `aggregator.forward_pg`): every accepted report's
+# validated summary and contributions, written in its ingest transaction when the store is
+# opened with ``forwarding=True``, until the forwarding lease holder moves it into an outbox
+# row (one transaction again, numbered from the locked `forward_state` row).
+_V2 = """
+CREATE TABLE forward_pending (
+    sender TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    spec_hash TEXT NOT NULL,
+    label_set BIGINT NOT NULL,
+    window_start BIGINT NOT NULL,
+    received_ms BIGINT NOT NULL,
+    summary BYTEA NOT NULL,
+    contributions BYTEA NOT NULL,
+    PRIMARY KEY (sender, seq)
+);
+-- For the forwarder's per-tick "which groups are open, since when" scan and its build.
+CREATE INDEX forward_pending_by_window
+    ON forward_pending (spec_hash, label_set, window_start, received_ms);
+CREATE TABLE forward_outbox (
+    seq BIGINT PRIMARY KEY,
+    spec_hash TEXT NOT NULL,
+    window_start BIGINT NOT NULL,
+    payload BYTEA NOT NULL,
+    created_ms BIGINT NOT NULL
+);
+CREATE TABLE forward_dead_letters (
+    seq BIGINT PRIMARY KEY,
+    payload BYTEA NOT NULL,
+    reason TEXT NOT NULL,
+    created_ms BIGINT NOT NULL
+);
+CREATE TABLE forward_state (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+-- The region's one upstream identity (its seqs are one sequence): the first forwarder claims
+-- it, a replica started with another --upstream-id is refused.
+CREATE TABLE forward_upstream (
+    one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one),
+    upstream_id TEXT NOT NULL
+);
+-- The seq counter exists from the start: a build locks this row (SELECT ... FOR UPDATE), so
+-- two replicas' builds are serialized and never allocate the same seq.
+INSERT INTO forward_state (key, value) VALUES ('next_seq', 1);
+"""
+
 # (version, description, SQL), in order. Append only: a released migration never changes.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "initial schema", _V1),
+    (2, "regional forwarding tables", _V2),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -247,13 +293,18 @@ class PostgresStore:
     ``reorder_window``: how far below a device's high-water mark a seq not seen before is
     still merged (further below, it is a replay: `IngestOutcome.REPLAYED`). Opening applies
     the pending schema migrations; a database newer than this build raises `SchemaTooNew`,
-    an unreachable server or a bad DSN `ConfigError` (naming the DSN without its password)."""
+    an unreachable server or a bad DSN `ConfigError` (naming the DSN without its password).
 
-    def __init__(self, dsn: str, reorder_window: int = REORDER_WINDOW) -> None:
+    ``forwarding``: also record each accepted report in `forward_pending`, in its ingest
+    transaction (a regional aggregator, `aggregator.forward`)."""
+
+    def __init__(self, dsn: str, reorder_window: int = REORDER_WINDOW, *,
+                 forwarding: bool = False) -> None:
         if not isinstance(reorder_window, int) or reorder_window < 0:
             raise ValueError(f"reorder_window: must be a non-negative integer, got "
                              f"{reorder_window!r}")
         self.reorder_window = reorder_window
+        self.forwarding = forwarding
         self.dsn = dsn
         self.where = redact_dsn(dsn)
         self._write_lock = threading.Lock()
@@ -519,8 +570,9 @@ class PostgresStore:
             m = job.meta
             mark = hwm.get(m.device_id)
             if (m.device_id, m.seq) in stored:
+                # An empty envelope was pruned (retention): its bytes are gone, its seq is not.
                 job.outcome = (IngestOutcome.DUPLICATE
-                               if stored[(m.device_id, m.seq)] == job.envelope
+                               if stored[(m.device_id, m.seq)] in (job.envelope, b"")
                                else IngestOutcome.SEQ_REUSED)
             elif mark is not None and m.seq < mark - self.reorder_window:
                 job.outcome = IngestOutcome.REPLAYED
@@ -562,6 +614,19 @@ class PostgresStore:
              [j.meta.epsilon_spent for j in accepted],
              [j.meta.day_epsilon_spent for j in accepted],
              [j.envelope for j in accepted]))
+        # 4b. Forwarding: the report waits in forward_pending, committed with it (its key is
+        #     a locked device's, so no other writer touches the row).
+        if self.forwarding:
+            conn.execute(
+                "INSERT INTO forward_pending (sender, seq, spec_hash, label_set, window_start, "
+                "received_ms, summary, contributions) SELECT d, s, h, l, w, %s, sm, c FROM "
+                "unnest(%s::text[], %s::bigint[], %s::text[], %s::bigint[], %s::bigint[], "
+                "%s::bytea[], %s::bytea[]) AS u(d, s, h, l, w, sm, c) ORDER BY d, s",
+                (now_ms, [j.meta.device_id for j in accepted], [j.meta.seq for j in accepted],
+                 [j.meta.spec_hash for j in accepted], [lids[j.canonical] for j in accepted],
+                 [j.meta.window_start_unix_s for j in accepted],
+                 [summary_to_proto(j.summary).SerializeToString() for j in accepted],
+                 [contributions_to_blob(j.contributions) for j in accepted]))
         # 5. Spec label sets, contributions and device activity: summed here per key, then
         #    one sorted upsert per table.
         pairs = sorted({(j.meta.spec_hash, lids[j.canonical]) for j in accepted})
@@ -803,6 +868,17 @@ class PostgresStore:
             return False
 
     # -- alerting ------------------------------------------------------------------------------
+
+    def prune_raw(self, spec_hash: str, start: int, end: int) -> int:
+        with self._write_lock:
+            if self._writer.closed or self._writer.broken:
+                self._writer = self._connect()
+            with self._writer.transaction():
+                cur = self._writer.execute(
+                    "UPDATE reports SET envelope = ''::bytea WHERE spec_hash = %s "
+                    "AND window_start >= %s AND window_start < %s AND length(envelope) > 0",
+                    (spec_hash, start, end))
+                return max(0, cur.rowcount)
 
     def window_range(self, spec_hash: str) -> tuple[int, int] | None:
         row = self._read("SELECT MIN(window_start), MAX(window_start) FROM reports "

@@ -543,7 +543,8 @@ class SqliteStore:
         stored = cur.execute("SELECT envelope FROM reports WHERE device_id = ? AND seq = ?",
                              (meta.device_id, meta.seq)).fetchone()
         if stored is not None:
-            return (IngestOutcome.DUPLICATE if bytes(stored[0]) == envelope
+            # An empty envelope was pruned (retention): its bytes are gone, its seq is not.
+            return (IngestOutcome.DUPLICATE if bytes(stored[0]) in (envelope, b"")
                     else IngestOutcome.SEQ_REUSED)
         hwm = self._high_water_mark(cur, meta.device_id)
         if hwm is not None and meta.seq < hwm - self.reorder_window:
@@ -785,6 +786,21 @@ class SqliteStore:
                             float(row[4]), float(row[5]))
 
     # -- alerting ----------------------------------------------------------------------------
+
+    def prune_raw(self, spec_hash: str, start: int, end: int) -> int:
+        with self._write_lock:
+            cur = self._writer.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                cur.execute("UPDATE reports SET envelope = x'' WHERE spec_hash = ? "
+                            "AND window_start >= ? AND window_start < ? "
+                            "AND length(envelope) > 0", (spec_hash, start, end))
+                n = cur.rowcount
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+        return max(0, n)
 
     def window_range(self, spec_hash: str) -> tuple[int, int] | None:
         db = self._reader()

@@ -668,9 +668,9 @@ def test_forwarding_config_is_checked_before_anything_starts(tmp_path: Path) -> 
         ForwardConfig(upstream="central", upstream_id="region-a")
     with pytest.raises(ConfigError, match="upstream_id"):
         ForwardConfig(upstream="127.0.0.1:7070", upstream_id="a/b")
-    with pytest.raises(ConfigError, match="PostgreSQL"):
-        AggregatorConfig(db="postgresql://u@127.0.0.1/fleet", listen="127.0.0.1:0",
-                         forward=ForwardConfig(upstream="127.0.0.1:7070", upstream_id="r"))
+    # A region of PostgreSQL replicas forwards too (tests/postgres/test_regional_replicas.py).
+    AggregatorConfig(db="postgresql://u@127.0.0.1/fleet", listen="127.0.0.1:0",
+                     forward=ForwardConfig(upstream="127.0.0.1:7070", upstream_id="r"))
     assert cli_main(["serve", "--db", str(tmp_path / "x.sqlite"), "--listen", "127.0.0.1:0",
                      "--upstream-id", "r"]) == 2
     assert not (tmp_path / "x.sqlite").exists()

@@ -179,17 +179,19 @@ def test_two_stores_opening_an_empty_database_together_both_work(pg_dsn: str) ->
 def test_a_later_migration_is_applied_in_order_and_a_failing_one_leaves_the_last_good(
         pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     PostgresStore(pg_dsn).close()
+    n = pgmod.SCHEMA_VERSION   # the build's own migrations are 1..n
     monkeypatch.setattr(pgmod, "MIGRATIONS", pgmod.MIGRATIONS + (
-        (2, "a note per device", "ALTER TABLE devices ADD COLUMN note TEXT"),))
-    monkeypatch.setattr(pgmod, "SCHEMA_VERSION", 2)
+        (n + 1, "a note per device", "ALTER TABLE devices ADD COLUMN note TEXT"),))
+    monkeypatch.setattr(pgmod, "SCHEMA_VERSION", n + 1)
     PostgresStore(pg_dsn).close()
-    assert [v for v, _ in applied(pg_dsn)] == [1, 2]
+    assert [v for v, _ in applied(pg_dsn)] == list(range(1, n + 2))
     monkeypatch.setattr(pgmod, "MIGRATIONS", pgmod.MIGRATIONS + (
-        (3, "broken", "ALTER TABLE devices ADD COLUMN other TEXT; ALTER TABLE nope ADD x INT"),))
-    monkeypatch.setattr(pgmod, "SCHEMA_VERSION", 3)
+        (n + 2, "broken",
+         "ALTER TABLE devices ADD COLUMN other TEXT; ALTER TABLE nope ADD x INT"),))
+    monkeypatch.setattr(pgmod, "SCHEMA_VERSION", n + 2)
     with pytest.raises(psycopg.errors.UndefinedTable):
         PostgresStore(pg_dsn)
-    assert [v for v, _ in applied(pg_dsn)] == [1, 2]
+    assert [v for v, _ in applied(pg_dsn)] == list(range(1, n + 2))
     with psycopg.connect(pg_dsn) as conn:   # the failed migration left nothing behind
         cols = {r[0] for r in conn.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_name = 'devices'")}

@@ -517,3 +517,44 @@ def test_both_stores_answer_the_same(tmp_path: Path, pg_dsn: str) -> None:
     finally:
         lite.close()
         pg.close()
+
+
+# -- retention ---------------------------------------------------------------------------------
+
+
+def test_pruned_envelopes_still_deduplicate_and_keep_every_answer(store: Store) -> None:
+    """prune_raw drops the bytes of old reports, nothing else: the rollups, device counts and
+    privacy sums stay, a resend of a pruned report is still a duplicate (never merged twice),
+    and reports outside the range keep their bytes (other bytes there are SEQ_REUSED)."""
+    from aggregator.retention import RawRetention
+
+    store.put_spec(SPEC)
+    rng = np.random.default_rng(9)
+    s, _, _ = make_summary(rng, 4)
+    hours = [T0 // HOUR_S * HOUR_S + h * HOUR_S for h in range(3)]
+    for i, ws in enumerate(hours):
+        for d in range(3):
+            assert store.ingest(meta(f"d{d}", i + 1, ws), f"env {d} {i}".encode(), s, RES) \
+                is IngestOutcome.ACCEPTED
+    cover = [(W, hours[0], hours[-1] + HOUR_S)]
+    before = (events_in(store, cover, ()),
+              store.device_count(SPEC.hash, all_ids(store), hours[0], hours[-1] + HOUR_S),
+              store.privacy_stats(SPEC.hash, all_ids(store), hours[0], hours[-1] + HOUR_S))
+    # The pruner, with its clock 1 h past the retention of the first hour's windows.
+    clock = [hours[1] + 3600 * 24 + 1]
+    pruner = RawRetention(store, 24 * 3600, clock=lambda: clock[0])
+    assert pruner.run_once() == 3 and pruner.pruned == 3     # the first hour only
+    assert pruner.run_once() == 0                             # nothing new is due
+    assert (events_in(store, cover, ()),
+            store.device_count(SPEC.hash, all_ids(store), hours[0], hours[-1] + HOUR_S),
+            store.privacy_stats(SPEC.hash, all_ids(store), hours[0], hours[-1] + HOUR_S)) \
+        == before
+    # Pruned: a resend is a duplicate (its bytes cannot be compared any more).
+    assert store.ingest(meta("d0", 1, hours[0]), b"env 0 0", s, RES) is IngestOutcome.DUPLICATE
+    # Kept: byte-identical is a duplicate, other bytes a reused seq.
+    assert store.ingest(meta("d0", 2, hours[1]), b"env 0 1", s, RES) is IngestOutcome.DUPLICATE
+    assert store.ingest(meta("d0", 2, hours[1]), b"other", s, RES) is IngestOutcome.SEQ_REUSED
+    assert events_in(store, cover, ()) == before[0]
+    clock[0] += 2 * HOUR_S                                    # two more hours are due
+    assert pruner.run_once() == 6
+    assert store.prune_raw(SPEC.hash, hours[0], hours[-1] + HOUR_S) == 0   # all gone already
