@@ -369,6 +369,17 @@ def validate_forwarded(msg: pb.WindowReport, spec: Spec, limits: Limits = Limits
         raise _fail("merged.latency_kll", f"sketch holds {summary.latency.n} latencies for "
                     f"{m.event_count} events")
     released = reports - withheld - m.heartbeat_count
+    if m.heartbeat_count == reports and (m.event_count or m.labeled_count):
+        raise _fail("merged.event_count", f"{m.event_count} events and {m.labeled_count} "
+                    f"labels in {reports} heartbeats (an idle window has none)")
+    if released == 0 and plan is not None:
+        # Withheld reports and heartbeats carry no histograms: with nothing released there is
+        # no noise to hide counts under, so any count at all would be an exact one.
+        if m.histogram_event_count or m.label_histogram_count or any(
+                c for h in (*(f.histogram for f in m.features), m.prediction,
+                            *(getattr(m, n) for n in LABEL_HISTOGRAMS)) for c in h.counts):
+            raise _fail("merged.features", "histograms in a merge of withheld reports and "
+                        "heartbeats only (they carry none)")
     variance = 0.0 if plan is None else released * plan.variance_per_bin
     if not math.isclose(m.noise_variance_per_bin, variance, rel_tol=1e-9, abs_tol=1e-12):
         raise _fail("merged.noise_variance_per_bin", f"{m.noise_variance_per_bin}, but "

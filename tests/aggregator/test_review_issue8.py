@@ -78,8 +78,6 @@ def test_a_consistent_noisy_forwarded_report_is_accepted() -> None:
     assert [c.device_id for c in contributions] == ["cam-1", "cam-2"]
 
 
-@pytest.mark.xfail(strict=True, reason="review #8: a forwarded report of 'heartbeats only' may "
-                   "carry exact histograms with noise variance 0 under a noisy spec")
 def test_heartbeat_only_forwarded_report_cannot_carry_noise_free_histograms() -> None:
     """A sender claims every merged report was a heartbeat (released = 0), so the variance it
     must declare is 0 and the noisy bound becomes 0.0 (not None: no sum check either) --
@@ -94,6 +92,23 @@ def test_heartbeat_only_forwarded_report_cannot_carry_noise_free_histograms() ->
     merged.noise_variance_per_bin = 0.0
     with pytest.raises(ValidationError):
         validate_forwarded(forwarded(spec, ws, merged, ("cam-1", "cam-2")), spec)
+
+
+def test_withheld_only_forwarded_report_cannot_carry_histograms() -> None:
+    """Withheld reports carry no histograms: a merge of withheld ones only has nothing
+    released, so no noise, and any count in its histograms would be an exact one."""
+    spec = noisy_spec()
+    ws = window_ws()
+    merged = exact_merged(spec, ws)
+    merged.report_count = 2
+    merged.withheld_report_count = 2
+    merged.histogram_event_count = 0   # claims none, yet the histograms hold 100 events
+    merged.noise_variance_per_bin = 0.0
+    report = forwarded(spec, ws, merged, ("cam-1", "cam-2"))
+    for c in report.contributions:
+        c.withheld = 1
+    with pytest.raises(ValidationError, match="withheld reports and heartbeats only"):
+        validate_forwarded(report, spec)
 
 
 @pytest.mark.xfail(strict=True, reason="review #8: after _LeaseLost the evaluator still thinks "
