@@ -222,6 +222,15 @@ class Ingestor:
         """Refuse a report that would push its model past a cardinality limit (hold
         `_labels_lock`: concurrent reports must not both take the last free value)."""
         known = self._known_labels(model)
+        # Other replicas on the same database add values too: before taking a new one, learn
+        # what is stored now (the rare path: only a report that adds a value comes here).
+        # Replicas that add values at the same instant can still pass the limit together,
+        # by one value each at most.
+        for ls in self.store.model_label_sets(model):
+            for k, v in ls.labels.items():
+                known.setdefault(k, set()).add(v)
+        if not any(v not in known.get(k, ()) for k, v in labels.items()):
+            return  # another replica stored these values meanwhile: nothing new
         new_keys = [k for k in labels if k not in known]
         if new_keys and len(known) + len(new_keys) > self.limits.max_label_keys_per_model:
             raise self._reject(

@@ -156,8 +156,6 @@ def test_a_password_with_hash_or_question_mark_is_redacted() -> None:
         assert "s3cr" not in text and "pw@" not in text, text
 
 
-@pytest.mark.xfail(strict=True, reason="review #8: label cardinality is checked against each "
-                   "replica's own cache, loaded once: replicas together pass the limit")
 def test_label_value_limit_holds_across_replicas(pg_dsn: str) -> None:
     """max_label_values_per_key = 2. a stores region=eu, b (which loads the stored values on
     its first report) region=us: 2 values. a's cache still holds only eu, so a accepts
