@@ -155,9 +155,10 @@ def tiers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         push(central.target, spec)
         truth = run_fleet(FLEET, single.target, tmp / "spools", start)
         # The exact envelopes the devices sent, in the order the single aggregator took them.
-        rows = single.store._reader().execute(  # type: ignore[attr-defined]
-            "SELECT r.envelope, l.canonical FROM reports r JOIN label_sets l "
-            "ON l.id = r.label_set ORDER BY r.received_ms, r.device_id, r.seq").fetchall()
+        with single.store._readers.borrow() as db:  # type: ignore[attr-defined]
+            rows = db.execute(
+                "SELECT r.envelope, l.canonical FROM reports r JOIN label_sets l "
+                "ON l.id = r.label_set ORDER BY r.received_ms, r.device_id, r.seq").fetchall()
         envelopes = [(bytes(e), dict(kv.split("=") for kv in c.split(","))["region"])
                      for e, c in rows]
         regionals = {}
@@ -655,8 +656,8 @@ def test_unknown_spec_upstream_is_retried_and_a_final_refusal_dead_lettered(
                 s = _wait_forwarding(regional.target, lambda s: s["dead_letters"] == 1)
                 assert (s["outbox"], s["dead_letter_rows"], s["sent"]) == (0, 1, 1)
             assert stats(central.target).rejected["invalid"] == 1
-            rows = regional.store._reader().execute(  # type: ignore[attr-defined]
-                "SELECT reason FROM forward_dead_letters").fetchall()
+            with regional.store._readers.borrow() as db:  # type: ignore[attr-defined]
+                rows = db.execute("SELECT reason FROM forward_dead_letters").fetchall()
             assert len(rows) == 1 and "contributions" in rows[0][0]
 
 
@@ -674,3 +675,50 @@ def test_forwarding_config_is_checked_before_anything_starts(tmp_path: Path) -> 
     assert cli_main(["serve", "--db", str(tmp_path / "x.sqlite"), "--listen", "127.0.0.1:0",
                      "--upstream-id", "r"]) == 2
     assert not (tmp_path / "x.sqlite").exists()
+
+
+def test_a_regional_replaced_with_an_empty_database_continues_above_the_mark(
+        tmp_path: Path) -> None:
+    """A regional whose database was lost restarts empty under the same --upstream-id: its
+    outbox numbers from 1 again, the central answers STALE_SEQ (its seq 1 holds other bytes)
+    with the region's mark, and the regional renumbers above it: the new window is merged,
+    the old ones are not merged twice."""
+    from aggregator.forward import ForwardConfig
+
+    spec = demo_spec()
+    ws = int(time.time()) // MINUTE_S * MINUTE_S - 8 * MINUTE_S
+    parts = device_summaries(spec, ws)
+    meta, summary = parts[0][1]
+
+    def device_report(minute: int, seq: int) -> bytes:
+        m = dataclasses.replace(meta, window_start_unix_s=ws + minute * MINUTE_S, seq=seq)
+        return pb.ReportEnvelope(report=report_to_proto(m, summary).SerializeToString()
+                                 ).SerializeToString()
+
+    def central_events(central_target: str) -> int:
+        rows = health(central_target, ws, ws + 10 * MINUTE_S)
+        return sum(int(r.events) for r in rows)
+
+    with serve(AggregatorConfig(db=tmp_path / "central.sqlite", listen="127.0.0.1:0",
+                                workers=2)) as central:
+        push(central.target, spec)
+        for life, minutes in (("first", (0, 1)), ("second", (2,))):
+            fwd = ForwardConfig(upstream=central.target, upstream_id="region-a", idle_s=0.3,
+                                tick_s=0.1, backoff_base_s=0.1, backoff_cap_s=0.5)
+            with serve(AggregatorConfig(db=tmp_path / f"{life}.sqlite", listen="127.0.0.1:0",
+                                        workers=2, forward=fwd)) as regional:
+                push(regional.target, spec)
+                with grpc.insecure_channel(regional.target) as channel:
+                    for minute in minutes:
+                        assert send(channel, device_report(minute, minute + 1)) == \
+                            pb.ReportResponse.ACCEPTED
+                _wait_forwarding(regional.target,
+                                 lambda s, n=len(minutes): s["sent"] == n and s["outbox"] == 0)
+        got = stats(central.target)
+        assert got.accepted == 3 and dict(got.rejected) == {"seq_reused": 1}
+        assert central.store.high_water_mark("region-a") == 3
+        assert central_events(central.target) == 3 * meta_events(summary)
+
+
+def meta_events(summary: object) -> int:
+    return int(summary.event_count)  # type: ignore[attr-defined]
