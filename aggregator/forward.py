@@ -371,7 +371,7 @@ class Forwarder:
             except BaseException:
                 db.close()
                 raise
-        self._leading = False
+        self._epoch = 0         # of this process's hold on the forwarding lease; 0: none
         self.lead_changes = 0   # times this process gained the forwarding lease
         self._channel = make_channel(config.upstream, config.tls,
                                      backoff_base_s=config.backoff_base_s,
@@ -447,35 +447,37 @@ class Forwarder:
                 else pb.ReportEnvelope(report=data).SerializeToString())
 
     def _lead(self) -> bool:
-        """Whether this process builds and sends this tick (holds the "forward" lease)."""
+        """Whether this process builds and sends this tick (holds the "forward" lease). What
+        a holder builds and sends lives in the shared outbox, so a new hold (a new epoch,
+        even one re-taken after losing the lease) only restarts the upstream backoff."""
         if self.store is None:
             return True
         try:
-            leading = bool(self.store.try_lead(FORWARD_LEASE))
+            epoch = int(self.store.try_lead(FORWARD_LEASE))
         except Exception:
             logger.exception("forward: cannot take or check the %r lease", FORWARD_LEASE)
-            leading = False
-        if leading and not self._leading:
+            epoch = 0
+        if epoch and epoch != self._epoch:
             self.lead_changes += 1
             self._backoff.reset()
-            logger.info("forward: this replica forwards for the region (%r lease)",
-                        FORWARD_LEASE)
-        elif self._leading and not leading:
+            logger.info("forward: this replica forwards for the region (%r lease, epoch %d)",
+                        FORWARD_LEASE, epoch)
+        elif self._epoch and not epoch:
             logger.warning("forward: lost the %r lease; another replica forwards",
                            FORWARD_LEASE)
-        self._leading = leading
-        return leading
+        self._epoch = epoch
+        return bool(epoch)
 
     @property
     def leading(self) -> bool:
         """Whether this process held the forwarding lease at its last tick."""
-        return self._leading
+        return self.store is None or bool(self._epoch)
 
     def stats(self) -> dict[str, int]:
         out = self.outbox.counts()
         with self._lock:
             out["forwarded"] = self.forwarded
-        out["leading"] = int(self._leading)
+        out["leading"] = int(self.leading)
         out["sent"] = self.uploader.sent
         out["duplicates"] = self.uploader.duplicates
         out["dead_letters"] = self.outbox.dead_letters

@@ -210,7 +210,10 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
     # Read now: a bad file fails before the store opens. Reread while serving (rotation).
     certificates = None if config.tls_dir is None else ServerCertificates(config.tls_dir)
     credentials = None if certificates is None else certificates.grpc_credentials()
-    store = open_store(config.db, forwarding=config.forward is not None)
+    # Readers: one per gRPC worker and a few for HTTP, alerting and forwarding (HTTP threads
+    # beyond that wait their turn rather than open a connection each).
+    store = open_store(config.db, forwarding=config.forward is not None,
+                       readers=config.workers + 4)
     try:
         forwarder = (None if config.forward is None
                      else Forwarder(config.db, config.forward,

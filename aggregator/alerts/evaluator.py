@@ -199,7 +199,7 @@ class AlertEvaluator:
         # its activity is known until): from `on_accepted` and `store.sender_activity`
         self._devices: dict[str, dict[str, tuple[int, float, int]]] = {}
         self._polled_ms: dict[str, int] = {}  # spec hash -> wall clock ms of its last poll
-        self._leading = False
+        self._epoch = 0      # of this replica's hold on the alerts lease (`try_lead`); 0: none
         self._ticks = 0
         self.lead_changes = 0                  # times this replica gained the alerts lease
         self._new_hashes: set[str] = set()
@@ -389,34 +389,40 @@ class AlertEvaluator:
         start = target.next_start
         return start if start + L <= watermark else None
 
-    def _lead(self) -> bool:
-        """Whether this replica evaluates this tick. Gaining the lease (at start, or after the
-        previous leader died) reloads every engine from the store, since the previous leader
-        advanced them, and rereads the per-sender view; losing it stops evaluation."""
+    def _try_lead(self) -> int:
+        """The store's epoch of this replica's hold on the alerts lease, 0 if not held."""
         try:
-            leading = bool(self.store.try_lead("alerts"))
+            return int(self.store.try_lead("alerts"))
         except Exception:
             self.errors += 1
             if self.errors & (self.errors - 1) == 0:
                 logger.exception("alerts: cannot take or check the lease (%d errors so far)",
                                  self.errors)
-            leading = False
-        if leading and not self._leading:
+            return 0
+
+    def _lead(self) -> bool:
+        """Whether this replica evaluates this tick. Every new hold of the lease (at start,
+        after the previous leader died, or re-taken after this replica lost it: a new epoch)
+        reloads every engine from the store, since another leader may have advanced them,
+        and rereads the per-sender view; losing it stops evaluation."""
+        epoch = self._try_lead()
+        if epoch and epoch != self._epoch:
             self.lead_changes += 1
             with self._lock:
                 for target in self._targets.values():
                     self._reset(target)
                 self._polled_ms.clear()  # the next poll reads every active sender
-            logger.info("alerts: this replica leads alert evaluation")
-        elif self._leading and not leading:
+            logger.info("alerts: this replica leads alert evaluation (lease epoch %d)", epoch)
+        elif self._epoch and not epoch:
             logger.warning("alerts: lost the alert lease; another replica evaluates")
-        self._leading = leading
-        return leading
+        self._epoch = epoch
+        return bool(epoch)
 
     @property
     def leading(self) -> bool:
-        """Whether this replica held the alerts lease at its last tick."""
-        return self._leading
+        """Whether this replica held the alerts lease at its last tick (and has not found it
+        lost since)."""
+        return bool(self._epoch)
 
     @staticmethod
     def _reset(target: _Target) -> None:
@@ -486,9 +492,11 @@ class AlertEvaluator:
                         continue
                     self._evaluate(target, start, now)
                 except _LeaseLost:
-                    # Its unsaved windows are the new leader's; reloaded if the lease returns.
+                    # Its unsaved windows are the new leader's. Not leading any more: a later
+                    # hold is a new one, and reloads every engine from the store.
                     logger.warning("alerts %s: lost the lease before saving; stopping",
                                    target.key)
+                    self._epoch = 0
                     return done
                 except Exception:
                     self.errors += 1
@@ -538,14 +546,12 @@ class AlertEvaluator:
         assert engine is not None and target.next_start is not None
         with self._lock:
             snapshot = json.dumps(engine.snapshot())
-        # Still the leader right before the save (a round trip on the lease's session): a
-        # replica whose lease session broke mid-tick must not store (and then notify) windows
-        # the new leader evaluates too.
-        try:
-            still = self.store.try_lead("alerts")
-        except Exception:
-            still = False
-        if not still:
+        # Still the leader of this tick's epoch right before the save (a round trip on the
+        # lease's session): a replica whose lease session broke mid-tick must not store (and
+        # then notify) windows the new leader evaluates too -- nor one that took the lease
+        # again meanwhile (a new epoch), whose engine may be behind the store.
+        epoch = self._try_lead()
+        if not epoch or epoch != self._epoch:
             raise _LeaseLost(target.key)
         try:
             self.store.save_alert_window(target.model, target.model_version,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pathlib
 
 from aggregator.store.base import IngestOutcome, LabelSet, Store, canonical_labels, parse_labels
+from aggregator.store.pool import READERS
 from aggregator.store.sqlite import SqliteStore
 
 __all__ = ["IngestOutcome", "LabelSet", "SqliteStore", "Store", "canonical_labels",
@@ -14,17 +15,19 @@ __all__ = ["IngestOutcome", "LabelSet", "SqliteStore", "Store", "canonical_label
 _PG_SCHEMES = ("postgresql://", "postgres://")
 
 
-def open_store(db: str | pathlib.Path, *, forwarding: bool = False) -> Store:
+def open_store(db: str | pathlib.Path, *, forwarding: bool = False,
+               readers: int = READERS) -> Store:
     """A ``postgresql://`` (or ``postgres://``) DSN opens `PostgresStore`, anything else is a
     SQLite file path (`SqliteStore`). An unreachable server or a bad DSN raises
     `agent.errors.ConfigError` naming the DSN without its password. ``forwarding``: a
-    regional aggregator's store (records accepted reports in `forward_pending`)."""
+    regional aggregator's store (records accepted reports in `forward_pending`). ``readers``:
+    the bound on reader connections (`aggregator.store.pool`)."""
     if isinstance(db, str) and db.startswith(_PG_SCHEMES):
         # Imported here: psycopg is only loaded by processes that use PostgreSQL.
         from aggregator.store.postgres import PostgresStore
 
-        return PostgresStore(db, forwarding=forwarding)
-    return SqliteStore(db, forwarding=forwarding)
+        return PostgresStore(db, forwarding=forwarding, readers=readers)
+    return SqliteStore(db, forwarding=forwarding, readers=readers)
 
 
 def describe_db(db: str | pathlib.Path) -> str:

@@ -211,11 +211,16 @@ class Store(Protocol):
         reports every replica accepted."""
         ...
 
-    def try_lead(self, role: str) -> bool:
-        """Whether this process holds (or now takes) the lease of ``role`` (e.g. "alerts"):
-        among replicas sharing one database at most one holds it at any time, and when its
-        holder dies another can take it within a bounded time. An embedded single-process
-        store always leads. Called often (every evaluator tick): cheap when already held."""
+    def try_lead(self, role: str) -> int:
+        """The epoch of this process's hold on the lease of ``role`` (e.g. "alerts"), taking
+        it if free; 0 when another replica holds it (or it cannot be checked). Among replicas
+        sharing one database at most one holds it at any time, and when its holder dies
+        another can take it within a bounded time. The epoch is positive and the same for as
+        long as the hold lasts; every new acquisition (including this process re-taking a
+        lease it lost in between) answers a different one, so that a caller can tell that
+        another replica may have acted meanwhile. An embedded single-process store always
+        leads, with one constant epoch. Called often (every evaluator tick): cheap when
+        already held."""
         ...
 
     # -- retention (aggregator.retention) -------------------------------------------------------

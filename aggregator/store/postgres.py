@@ -16,9 +16,9 @@ read-modify-write: an upsert locks each row (new or old) and returns what it hel
 happens here, and an UPDATE writes it back before the commit. The caller is answered only
 after COMMIT (synchronous_commit as the server has it: on by default).
 
-Connections: one writer (the group commit's leader uses it), one reader per thread in
-autocommit, and one per held lease (`try_lead`: a session-level advisory lock lives as long
-as its connection).
+Connections: one writer (the group commit's leader uses it), readers in autocommit borrowed
+per query from a bounded pool (`aggregator.store.pool`), and one per held lease (`try_lead`:
+a session-level advisory lock lives as long as its connection).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from aggregator.store.base import (
     parse_labels,
     time_cover,
 )
+from aggregator.store.pool import READERS, ReaderPool
 from aggregator.store.sqlite import contributions_to_blob
 from protos import fleetwatch_pb2 as pb
 
@@ -243,22 +244,42 @@ def is_postgres_dsn(db: object) -> bool:
     return isinstance(db, str) and db.startswith(("postgresql://", "postgres://"))
 
 
+_SECRET_KEYS = frozenset({"password", "sslpassword"})
+# key=value conninfo: a secret's value is a single-quoted string (backslash escapes) or a word.
+_CONNINFO_SECRET = re.compile(r"(?:(?<=\s)|^)((?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|\S*)")
+
+
 def redact_dsn(dsn: str) -> str:
-    """The DSN without its password (for messages and logs)."""
-    try:
-        parts = urllib.parse.urlsplit(dsn)
-    except ValueError:
-        return "<unparseable DSN>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
-        netloc = f"{userinfo}@{host}"
-    query = "&".join(
-        f"{k}=***" if k == "password" else (f"{k}={v}" if v else k)
-        for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    """The DSN without its passwords (for messages and logs): a URI's userinfo password and
+    its ``password``/``sslpassword`` parameters, or those keys' values in a ``key=value``
+    conninfo string. Parsed the way libpq reads a URI, not as urllib does: libpq's userinfo
+    runs from ``://`` to the first '@' (a password may hold '#', '?', ':'), and its
+    parameters follow the first '?' after the host part. When in doubt it masks more."""
+    scheme, sep, rest = dsn.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        return _CONNINFO_SECRET.sub(r"\1***", dsn)
+    at = rest.find("@")
+    slash = rest.find("/", 0, at)
+    if at >= 0 and (slash < 0 or "=" not in rest[slash:at]):
+        # libpq stops looking for the '@' at a '/', so for it "u:pa/ss@h" has no userinfo
+        # (and cannot connect): masked anyway, to keep such a password out of the logs. An
+        # '@' after a '/' and a '=' is in a parameter's value instead. libpq ends the
+        # userinfo at the first '@' (a raw '@' in a password is an error): masking through
+        # any further '@' before the path hides the rest of such a password too.
+        while (nxt := rest.find("@", at + 1)) >= 0 and not any(
+                c in rest[at + 1:nxt] for c in "/?"):
+            at = nxt
+        user, colon, _password = rest[:at].partition(":")
+        if colon:
+            rest = f"{user}:***{rest[at:]}"
+    host, qmark, query = rest.partition("?")
+    if not qmark:
+        return f"{scheme}://{host}"
+    params = []
+    for param in query.split("&"):
+        key = urllib.parse.unquote(param.partition("=")[0])
+        params.append(f"{param.partition('=')[0]}=***" if key in _SECRET_KEYS else param)
+    return f"{scheme}://{host}?{'&'.join(params)}"
 
 
 def _password(dsn: str) -> str:
@@ -296,13 +317,16 @@ class PostgresStore:
     an unreachable server or a bad DSN `ConfigError` (naming the DSN without its password).
 
     ``forwarding``: also record each accepted report in `forward_pending`, in its ingest
-    transaction (a regional aggregator, `aggregator.forward`)."""
+    transaction (a regional aggregator, `aggregator.forward`). ``readers``: at most this many
+    reader sessions, shared by the query threads (`aggregator.store.pool`)."""
 
     def __init__(self, dsn: str, reorder_window: int = REORDER_WINDOW, *,
-                 forwarding: bool = False) -> None:
+                 forwarding: bool = False, readers: int = READERS) -> None:
         if not isinstance(reorder_window, int) or reorder_window < 0:
             raise ValueError(f"reorder_window: must be a non-negative integer, got "
                              f"{reorder_window!r}")
+        if not isinstance(readers, int) or readers < 1:
+            raise ValueError(f"readers: must be a positive integer, got {readers!r}")
         self.reorder_window = reorder_window
         self.forwarding = forwarding
         self.dsn = dsn
@@ -314,14 +338,20 @@ class PostgresStore:
         except BaseException:
             self._writer.close()
             raise
-        self._local = threading.local()
-        self._readers: list[psycopg.Connection[Any]] = []
-        self._readers_lock = threading.Lock()
+        # Readers are borrowed per query, not kept per thread: the HTTP server's thread per
+        # client connection would otherwise leave a session each (review #8).
+        self._readers: ReaderPool[psycopg.Connection[Any]] = ReaderPool(
+            self._connect, readers, usable=lambda db: not (db.closed or db.broken),
+            close_conn=lambda db: db.close(), name=self.where)
         self._label_cache: dict[str, int] = {}   # canonical -> id, committed ids only
         self._queue_lock = threading.Lock()
         self._queue: list[_IngestJob] = []
         self._lease_lock = threading.Lock()
         self._leases: dict[str, psycopg.Connection[Any]] = {}   # role -> its lock's session
+        # role -> epoch of the current hold (`try_lead`); from a counter of acquisitions, so
+        # a lease lost and taken again gets a new one
+        self._lease_epochs: dict[str, int] = {}
+        self._lease_acquired = 0
         self.ingest_commits = 0      # group-commit transactions committed
         self.ingest_retries = 0      # transactions retried (deadlock, serialization, connection)
         self._closed = False
@@ -348,26 +378,21 @@ class PostgresStore:
         password = _password(self.dsn)
         return text.replace(password, "***") if password else text
 
-    def _reader(self) -> psycopg.Connection[Any]:
-        db = getattr(self._local, "db", None)
-        if db is None or db.closed or db.broken:
-            db = self._connect()
-            self._local.db = db
-            with self._readers_lock:
-                self._readers.append(db)
-        return db
-
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Run a query on this thread's reader; once more on a fresh connection when the old
-        one broke (a restarted server, a dropped TCP connection)."""
+        """Run a query on a pooled reader (autocommit: it sees what is committed when it
+        starts); once more on a new connection when that one broke (a restarted server, a
+        dropped TCP connection): the pool drops a broken one when it is given back, and the
+        idle ones now, as they likely broke too."""
         for attempt in (0, 1):
-            db = self._reader()
-            try:
-                return db.execute(sql, args).fetchall()
-            except psycopg.OperationalError:
-                if attempt or not db.broken:
-                    raise
-                logger.warning("%s: reader connection lost; reconnecting", self.where)
+            with self._readers.borrow() as db:
+                try:
+                    return db.execute(sql, args).fetchall()
+                except psycopg.OperationalError:
+                    if attempt or not db.broken:
+                        raise
+                    dropped = self._readers.drop_idle()
+                    logger.warning("%s: reader connection lost; reconnecting (%d idle readers "
+                                   "closed)", self.where, dropped)
         raise AssertionError("unreachable")
 
     # -- schema --------------------------------------------------------------------------------
@@ -829,19 +854,21 @@ class PostgresStore:
             "WHERE spec_hash = %s AND last_received_ms >= %s", (spec_hash, received_since_ms))
         return {d: (int(w), int(ms)) for d, w, ms in rows}
 
-    def try_lead(self, role: str) -> bool:
+    def try_lead(self, role: str) -> int:
         """A session-level advisory lock on (LOCK_NAMESPACE, hashtext(role)), held on a
         connection of its own: the server releases it when that session ends (the process
         died, or its connection broke), and then another replica's call takes it. When held,
-        a call costs one round trip that proves the session (and so the lock) still alive."""
+        a call costs one round trip that proves the session (and so the lock) still alive.
+        The epoch is this process's count of acquisitions: each new session's lock, a new
+        one."""
         with self._lease_lock:
             if self._closed:
-                return False
+                return 0
             conn = self._leases.get(role)
             if conn is not None:
                 try:
                     conn.execute("SELECT 1")
-                    return True
+                    return self._lease_epochs[role]
                 except psycopg.Error as e:
                     logger.warning("%s: lost the %r lease with its connection (%s)",
                                    self.where, role, self._scrub(e))
@@ -851,7 +878,7 @@ class PostgresStore:
                 conn = self._connect()
             except ConfigError as e:
                 logger.warning("%s: cannot try the %r lease: %s", self.where, role, e)
-                return False
+                return 0
             try:
                 row = conn.execute("SELECT pg_try_advisory_lock(%s::int, hashtext(%s))",
                                    (LOCK_NAMESPACE, role)).fetchone()
@@ -859,13 +886,16 @@ class PostgresStore:
                 logger.warning("%s: cannot try the %r lease: %s", self.where, role,
                                self._scrub(e))
                 conn.close()
-                return False
+                return 0
             if row is not None and row[0]:
+                self._lease_acquired += 1
                 self._leases[role] = conn
-                logger.info("%s: this process now leads %r", self.where, role)
-                return True
+                self._lease_epochs[role] = self._lease_acquired
+                logger.info("%s: this process now leads %r (epoch %d)", self.where, role,
+                            self._lease_acquired)
+                return self._lease_acquired
             conn.close()
-            return False
+            return 0
 
     # -- alerting ------------------------------------------------------------------------------
 
@@ -976,10 +1006,7 @@ class PostgresStore:
                 conn.close()   # ends the session: the leases go to another replica
             self._leases.clear()
         with self._write_lock:
-            with self._readers_lock:
-                for db in self._readers:
-                    db.close()
-                self._readers.clear()
+            self._readers.close()
             self._writer.close()
 
 

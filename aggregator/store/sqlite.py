@@ -1,7 +1,8 @@
 """The embedded default store: one SQLite file in WAL mode.
 
-One writer connection behind a lock (SQLite allows one writer at a time anyway) and one reader
-connection per thread, so queries never wait for ingest commits. Ingest commits in groups:
+One writer connection behind a lock (SQLite allows one writer at a time anyway) and reader
+connections borrowed per query from a bounded pool (`aggregator.store.pool`), so queries never
+wait for ingest commits. Ingest commits in groups:
 reports that arrive while a commit is in progress share the next transaction (`ingest`), so
 one fsync serves many reports.
 """
@@ -17,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from agent.spec import Spec
 from agent.summary import Summary
@@ -34,6 +36,7 @@ from aggregator.store.base import (
     parse_labels,
     time_cover,
 )
+from aggregator.store.pool import READERS, ReaderPool
 from aggregator.store.rollup_cache import BatchRollups, ReadCache, WriteCache
 from protos import fleetwatch_pb2 as pb
 
@@ -231,13 +234,16 @@ class SqliteStore:
     still merged (further below, it is a replay: `IngestOutcome.REPLAYED`).
 
     ``forwarding``: also record each accepted report in `forward_pending` (a regional
-    aggregator, `aggregator.forward`)."""
+    aggregator, `aggregator.forward`). ``readers``: at most this many reader connections,
+    shared by the query threads (`aggregator.store.pool`)."""
 
     def __init__(self, path: str | pathlib.Path, reorder_window: int = REORDER_WINDOW, *,
-                 forwarding: bool = False) -> None:
+                 forwarding: bool = False, readers: int = READERS) -> None:
         if not isinstance(reorder_window, int) or reorder_window < 0:
             raise ValueError(f"reorder_window: must be a non-negative integer, got "
                              f"{reorder_window!r}")
+        if not isinstance(readers, int) or readers < 1:
+            raise ValueError(f"readers: must be a positive integer, got {readers!r}")
         self.reorder_window = reorder_window
         self.path = pathlib.Path(path)
         if self.path.parent and not self.path.parent.exists():
@@ -260,8 +266,13 @@ class SqliteStore:
         self._writer.executescript(_FORWARD_PENDING_SCHEMA)
         self._add_sender_activity()
         self._writer.execute(_ROLLUPS_BY_LABEL_SET)
-        self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
+        # Readers are borrowed per query, not kept per thread: the HTTP server's thread per
+        # client connection would otherwise leave a file handle each (review #8).
+        self._readers: ReaderPool[sqlite3.Connection] = ReaderPool(
+            self._connect, readers, usable=_sqlite_usable, close_conn=self._close_reader,
+            name=str(self.path))
+        # `device_count`'s memo per reader connection: (its data_version, {key: count}).
+        self._counts: dict[sqlite3.Connection, tuple[int, dict[tuple[object, ...], int]]] = {}
         self._label_cache: dict[str, int] = {}   # canonical -> id, committed ids only
         self._queue_lock = threading.Lock()
         self._queue: list[_IngestJob] = []        # reports waiting for the next batch
@@ -357,14 +368,14 @@ class SqliteStore:
         db.execute("PRAGMA busy_timeout=60000")
         return db
 
-    def _reader(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = self._connect()
-            self._local.db = db
-            with self._write_lock:
-                self._readers.append(db)
-        return db
+    def _close_reader(self, db: sqlite3.Connection) -> None:
+        self._counts.pop(db, None)
+        db.close()
+
+    def _query(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        """One query's rows, on a pooled reader (autocommit: it sees what is committed)."""
+        with self._readers.borrow() as db:
+            return db.execute(sql, args).fetchall()
 
     # -- specs -------------------------------------------------------------------------------
 
@@ -378,26 +389,23 @@ class SqliteStore:
             return cur.rowcount == 1
 
     def get_spec(self, model: str, model_version: str = "", spec_hash: str = "") -> Spec | None:
-        db = self._reader()
         if spec_hash:
-            row = db.execute("SELECT json FROM specs WHERE hash = ?", (spec_hash,)).fetchone()
+            rows = self._query("SELECT json FROM specs WHERE hash = ?", (spec_hash,))
         elif model_version:
-            row = db.execute("SELECT json FROM specs WHERE model = ? AND model_version = ? "
-                             "ORDER BY registered_ms DESC, rowid DESC LIMIT 1",
-                             (model, model_version)).fetchone()
+            rows = self._query("SELECT json FROM specs WHERE model = ? AND model_version = ? "
+                               "ORDER BY registered_ms DESC, rowid DESC LIMIT 1",
+                               (model, model_version))
         else:
-            row = db.execute("SELECT json FROM specs WHERE model = ? "
-                             "ORDER BY registered_ms DESC, rowid DESC LIMIT 1",
-                             (model,)).fetchone()
-        return Spec.from_json(row[0]) if row else None
+            rows = self._query("SELECT json FROM specs WHERE model = ? "
+                               "ORDER BY registered_ms DESC, rowid DESC LIMIT 1", (model,))
+        return Spec.from_json(rows[0][0]) if rows else None
 
     def list_specs(self, model: str = "") -> list[Spec]:
-        db = self._reader()
         if model:
-            rows = db.execute("SELECT json FROM specs WHERE model = ? ORDER BY registered_ms",
-                              (model,)).fetchall()
+            rows = self._query("SELECT json FROM specs WHERE model = ? ORDER BY registered_ms",
+                               (model,))
         else:
-            rows = db.execute("SELECT json FROM specs ORDER BY model, registered_ms").fetchall()
+            rows = self._query("SELECT json FROM specs ORDER BY model, registered_ms")
         return [Spec.from_json(r[0]) for r in rows]
 
     # -- ingest ------------------------------------------------------------------------------
@@ -633,22 +641,22 @@ class SqliteStore:
 
     def high_water_mark(self, device_id: str) -> int | None:
         """The highest seq merged for the device, None if none (for tests and operators)."""
-        return self._high_water_mark(self._reader().cursor(), device_id)
+        with self._readers.borrow() as db:
+            return self._high_water_mark(db.cursor(), device_id)
 
     # -- queries -----------------------------------------------------------------------------
 
     def label_sets(self, spec_hash: str) -> list[LabelSet]:
-        rows = self._reader().execute(
+        rows = self._query(
             "SELECT l.id, l.canonical FROM spec_label_sets s JOIN label_sets l "
-            "ON l.id = s.label_set WHERE s.spec_hash = ? ORDER BY l.canonical",
-            (spec_hash,)).fetchall()
+            "ON l.id = s.label_set WHERE s.spec_hash = ? ORDER BY l.canonical", (spec_hash,))
         return [LabelSet(lid, parse_labels(canonical)) for lid, canonical in rows]
 
     def model_label_sets(self, model: str) -> list[LabelSet]:
-        rows = self._reader().execute(
+        rows = self._query(
             "SELECT DISTINCT l.id, l.canonical FROM specs p JOIN spec_label_sets s "
             "ON s.spec_hash = p.hash JOIN label_sets l ON l.id = s.label_set "
-            "WHERE p.model = ? ORDER BY l.canonical", (model,)).fetchall()
+            "WHERE p.model = ? ORDER BY l.canonical", (model,))
         return [LabelSet(lid, parse_labels(canonical)) for lid, canonical in rows]
 
     def merged_rollups(self, spec_hash: str, label_set_ids: Iterable[int],
@@ -661,12 +669,11 @@ class SqliteStore:
         out: dict[int, Summary] = {}
         if not ids:
             return out
-        db = self._reader()
         marks = ",".join("?" * len(ids))
         cache = self._read_cache
         for res, lo, hi in cover:
             runs: dict[int, list[tuple[int, bytes]]] = {}
-            for lid, ws, blob in db.execute(
+            for lid, ws, blob in self._query(
                     f"SELECT label_set, window_start, summary FROM rollups WHERE spec_hash = ? "
                     f"AND resolution = ? AND window_start >= ? AND window_start < ? "
                     f"AND label_set IN ({marks}) ORDER BY label_set, window_start",
@@ -707,14 +714,19 @@ class SqliteStore:
         ids = sorted(set(label_set_ids))
         if not ids or start >= end:
             return 0
-        db = self._reader()
+        with self._readers.borrow() as db:
+            return self._device_count(db, spec_hash, ids, start, end)
+
+    def _device_count(self, db: sqlite3.Connection, spec_hash: str, ids: list[int],
+                      start: int, end: int) -> int:
         # The health query asks for the same count twice per cohort (the range, and the last
         # day, often the same): remembered per reader connection until anything commits
-        # (data_version changes with every commit by another connection or process).
+        # (data_version changes with every commit by another connection or process, and is
+        # per connection: so is the memo; only the borrower of `db` touches its entry).
         version = db.execute("PRAGMA data_version").fetchone()[0]
-        memo = getattr(self._local, "counts", None)
+        memo = self._counts.get(db)
         if memo is None or memo[0] != version or len(memo[1]) > 4096:
-            memo = self._local.counts = (version, {})
+            memo = self._counts[db] = (version, {})
         key = (spec_hash, tuple(ids), start, end)
         if key in memo[1]:
             return memo[1][key]
@@ -777,11 +789,11 @@ class SqliteStore:
                 f"WHERE spec_hash = ? AND window_start >= ? AND window_start < ? "
                 f"AND label_set IN ({marks})")
             args += [spec_hash, lo, hi, *ids]
-        row = self._reader().execute(
+        row = self._query(
             f"SELECT COUNT(*), COUNT(CASE WHEN w > 0 THEN 1 END), COALESCE(SUM(n), 0), "
             f"COALESCE(SUM(w), 0), COALESCE(MAX(d), 0), COALESCE(AVG(d), 0) FROM ("
             f"SELECT device_id, SUM(n) AS n, SUM(w) AS w, MAX(d) AS d FROM ("
-            f"{' UNION ALL '.join(parts)}) GROUP BY device_id)", args).fetchone()
+            f"{' UNION ALL '.join(parts)}) GROUP BY device_id)", args)[0]
         return PrivacyStats(int(row[0]), int(row[1]), int(row[2]), int(row[3]),
                             float(row[4]), float(row[5]))
 
@@ -803,25 +815,24 @@ class SqliteStore:
         return max(0, n)
 
     def window_range(self, spec_hash: str) -> tuple[int, int] | None:
-        db = self._reader()
         # Two single-aggregate queries: each is one seek in reports_by_window.
-        lo = db.execute("SELECT MIN(window_start) FROM reports WHERE spec_hash = ?",
-                        (spec_hash,)).fetchone()[0]
+        lo = self._query("SELECT MIN(window_start) FROM reports WHERE spec_hash = ?",
+                         (spec_hash,))[0][0]
         if lo is None:
             return None
-        hi = db.execute("SELECT MAX(window_start) FROM reports WHERE spec_hash = ?",
-                        (spec_hash,)).fetchone()[0]
+        hi = self._query("SELECT MAX(window_start) FROM reports WHERE spec_hash = ?",
+                         (spec_hash,))[0][0]
         return int(lo), int(hi)
 
     def label_keys(self) -> set[str]:
-        rows = self._reader().execute("SELECT canonical FROM label_sets").fetchall()
+        rows = self._query("SELECT canonical FROM label_sets")
         return {k for (canonical,) in rows for k in parse_labels(canonical)}
 
     def load_alert_state(self, model: str, model_version: str) -> tuple[float, str] | None:
-        row = self._reader().execute(
+        rows = self._query(
             "SELECT evaluated_until, snapshot FROM alert_engines WHERE model = ? "
-            "AND model_version = ?", (model, model_version)).fetchone()
-        return None if row is None else (float(row[0]), row[1])
+            "AND model_version = ?", (model, model_version))
+        return None if not rows else (float(rows[0][0]), rows[0][1])
 
     def save_alert_window(self, model: str, model_version: str, evaluated_until: float,
                           snapshot_json: str, transitions: Sequence[AlertRecord]) -> None:
@@ -864,7 +875,7 @@ class SqliteStore:
                "annotations FROM alert_history" + (" WHERE " + " AND ".join(where)
                                                    if where else "")
                + " ORDER BY id DESC LIMIT ?")
-        rows = self._reader().execute(sql, (*args, max(0, int(limit)))).fetchall()
+        rows = self._query(sql, (*args, max(0, int(limit))))
         return [AlertRecord(
             at_s=r[0], rule=r[1], kind=r[2], model=r[3], model_version=r[4], fingerprint=r[5],
             previous_state=r[6], state=r[7],
@@ -875,22 +886,29 @@ class SqliteStore:
 
     def sender_activity(self, spec_hash: str, received_since_ms: int
                         ) -> dict[str, tuple[int, int]]:
-        rows = self._reader().execute(
+        rows = self._query(
             "SELECT sender, newest_window_start, received_ms FROM sender_activity "
-            "WHERE spec_hash = ? AND received_ms >= ?",
-            (spec_hash, int(received_since_ms))).fetchall()
+            "WHERE spec_hash = ? AND received_ms >= ?", (spec_hash, int(received_since_ms)))
         return {r[0]: (int(r[1]), int(r[2])) for r in rows}
 
-    def try_lead(self, role: str) -> bool:
-        """One process owns a SQLite file: it always leads."""
-        return True
+    def try_lead(self, role: str) -> int:
+        """One process owns a SQLite file: it always leads, in one unbroken epoch."""
+        return 1
 
     def close(self) -> None:
         with self._write_lock:
-            for db in self._readers:
-                db.close()
-            self._readers.clear()
+            self._readers.close()
+            self._counts.clear()
             self._writer.close()
+
+
+def _sqlite_usable(db: sqlite3.Connection) -> bool:
+    """Not closed (a closed connection raises on any use)."""
+    try:
+        db.total_changes  # noqa: B018 -- read only to probe the connection
+    except sqlite3.ProgrammingError:
+        return False
+    return True
 
 
 def _activity_cover(start: int, end: int) -> tuple[list[tuple[int, int, int]],

@@ -29,19 +29,32 @@ from protos import fleetwatch_pb2 as pb
 
 class Lease:
     """Who holds the "alerts" lease; the test hands it over (a dead leader's lease), now or
-    after a number of `try_lead` calls (a lease session that breaks in the middle of a tick)."""
+    after a number of `try_lead` calls (a lease session that breaks in the middle of a tick).
+    Every hand-over starts a new epoch, as a new PostgreSQL lock session does: handing it
+    back to a former holder is a new hold, not the old one."""
 
     def __init__(self) -> None:
-        self.holder = "a"
+        self._holder = "a"
+        self.epoch = 1
         self.switch: tuple[int, str] | None = None
 
-    def check(self, name: str) -> bool:
+    @property
+    def holder(self) -> str:
+        return self._holder
+
+    @holder.setter
+    def holder(self, name: str) -> None:
+        if name != self._holder:
+            self._holder = name
+            self.epoch += 1
+
+    def check(self, name: str) -> int:
         if self.switch is not None:
             calls, holder = self.switch
             self.switch = (calls - 1, holder) if calls > 1 else None
             if calls <= 1:     # this call is the n-th: the lease has moved
                 self.holder = holder
-        return self.holder == name
+        return self.epoch if self.holder == name else 0
 
 
 class LeasedStore(SqliteStore):
@@ -49,7 +62,7 @@ class LeasedStore(SqliteStore):
         super().__init__(path)
         self.name, self.lease = name, lease
 
-    def try_lead(self, role: str) -> bool:
+    def try_lead(self, role: str) -> int:
         assert role == "alerts"
         return self.lease.check(self.name)
 

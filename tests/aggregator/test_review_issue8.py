@@ -111,9 +111,6 @@ def test_withheld_only_forwarded_report_cannot_carry_histograms() -> None:
         validate_forwarded(report, spec)
 
 
-@pytest.mark.xfail(strict=True, reason="review #8: after _LeaseLost the evaluator still thinks "
-                   "it leads; re-taking the lease does not reload the engine: the firing "
-                   "evaluated but never saved is never notified")
 def test_a_lease_lost_before_a_save_and_regained_still_fires(tmp_path: Path) -> None:
     """eu breaches from window 0 (fires at the end of window 2). a's tick evaluates windows
     0-1; right before saving window 2's firing, a finds the lease gone (b took it: `_save`

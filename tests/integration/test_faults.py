@@ -525,8 +525,9 @@ def test_corrupt_kll_sketches_never_reach_datasketches(aggregator: RunningAggreg
 def test_reused_device_id_with_other_labels_does_not_mix_cohorts(
         aggregator: RunningAggregator, spec: Spec, window_base: int, report_rpc,
         cohort_rpc) -> None:
-    """A cloned device image: the same device_id and seq arrive with new labels. The duplicate
-    is refused as such, and the new label set still gets its own cohort later."""
+    """A cloned device image: the same device_id and seq arrive with new labels. Not a resend
+    (other bytes): never merged, answered STALE_SEQ (an agent renumbers above the mark), and
+    the new label set still gets its own cohort later."""
     send = report_rpc(aggregator.target)
 
     def report(device: str, seq: int, region: str, n: int) -> bytes:
@@ -534,7 +535,7 @@ def test_reused_device_id_with_other_labels_does_not_mix_cohorts(
                                      labels={"region": region}))
 
     assert send(report("clone", 1, "a", 10), timeout=10).status == pb.ReportResponse.ACCEPTED
-    assert send(report("clone", 1, "b", 20), timeout=10).status == pb.ReportResponse.DUPLICATE
+    assert send(report("clone", 1, "b", 20), timeout=10).status == pb.ReportResponse.STALE_SEQ
     assert send(report("clone", 2, "b", 20), timeout=10).status == pb.ReportResponse.ACCEPTED
     assert send(report("other", 1, "c", 40), timeout=10).status == pb.ReportResponse.ACCEPTED
     cohorts = cohort_rpc(aggregator.target, window_base, window_base + WINDOW_S,

@@ -236,9 +236,9 @@ def test_two_replicas_forward_each_report_once_across_a_kill_of_the_forwarder(
             push(replicas[0].target, spec)   # one database: both replicas know it now
             push(single.target, spec)
             truth = run_fleet(FLEET, single.target, tmp_path / "spools", start)
-            rows = single.store._reader().execute(  # type: ignore[attr-defined]
-                "SELECT envelope, device_id FROM reports ORDER BY received_ms, device_id, seq"
-            ).fetchall()
+            with single.store._readers.borrow() as db:  # type: ignore[attr-defined]
+                rows = db.execute("SELECT envelope, device_id FROM reports "
+                                  "ORDER BY received_ms, device_id, seq").fetchall()
             envelopes = [bytes(e) for e, _ in rows]
             per_device = Counter(d for _, d in rows)
             fed = feed(replicas, pg_dsn, envelopes, central.target)

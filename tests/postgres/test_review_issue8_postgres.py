@@ -43,8 +43,6 @@ def sessions(dsn: str) -> int:
     return int(row[0])
 
 
-@pytest.mark.xfail(strict=True, reason="review #8: one reader connection per thread, never "
-                   "closed when the thread ends (HTTP serves a thread per connection)")
 def test_http_requests_do_not_leave_a_postgres_session_each(pg_dsn: str) -> None:
     """`aggregator.http` is a ThreadingHTTPServer: every request runs in a new thread, and
     each such thread's first query opens a PostgreSQL session (`PostgresStore._reader`) that
@@ -106,9 +104,6 @@ def terminate_lease_session(dsn: str) -> None:
     assert rows == [(True,)], rows
 
 
-@pytest.mark.xfail(strict=True, reason="review #8: a lease lost and re-taken between two ticks "
-                   "looks continuous (try_lead is just True): the engine is not reloaded and "
-                   "the windows the other leader evaluated fire again")
 def test_a_lease_lost_and_regained_between_ticks_does_not_fire_twice(pg_dsn: str) -> None:
     """a leads and evaluates windows 0-1 (max 2 per tick; eu breaches from window 0, the rule
     fires at the end of window 2). a's lease session breaks; b takes the lease, evaluates
@@ -139,8 +134,6 @@ def test_a_lease_lost_and_regained_between_ticks_does_not_fire_twice(pg_dsn: str
         b.store.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review #8: redact_dsn leaves a password holding '#' or "
-                   "'?' in the clear (urlsplit ends the netloc there; libpq does not)")
 def test_a_password_with_hash_or_question_mark_is_redacted() -> None:
     """libpq reads the userinfo up to '@' ("s3cr#t?pw" below is the password: psycopg
     connects with it), but urllib.parse.urlsplit ends the netloc at '#' or '?', finds no

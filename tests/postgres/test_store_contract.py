@@ -421,21 +421,24 @@ def test_sender_activity(store: Store) -> None:
 
 
 def test_try_lead(make_store: Callable[..., Store], request: pytest.FixtureRequest) -> None:
+    """The answer is an epoch: positive and unchanged while a hold lasts, 0 when another
+    replica holds the lease (a new hold's epoch differs: test_postgres_store)."""
     a, b = make_store(), make_store()
-    assert a.try_lead("alerts") is True
-    assert a.try_lead("alerts") is True          # held: still ours
+    epoch = a.try_lead("alerts")
+    assert isinstance(epoch, int) and epoch > 0
+    assert a.try_lead("alerts") == epoch         # held: still ours, the same hold
     if isinstance(a, SqliteStore):
-        assert b.try_lead("alerts") is True      # one process per file: always leads
+        assert b.try_lead("alerts") > 0          # one process per file: always leads
         return
-    assert b.try_lead("alerts") is False         # another replica holds it
-    assert b.try_lead("other-role") is True      # roles are independent
-    assert a.try_lead("other-role") is False
+    assert b.try_lead("alerts") == 0             # another replica holds it
+    assert b.try_lead("other-role") > 0          # roles are independent
+    assert a.try_lead("other-role") == 0
     a.close()                                    # the holder goes away ...
     deadline = time.monotonic() + 10
-    while not b.try_lead("alerts"):              # ... and the lease is free within moments
+    while not (taken := b.try_lead("alerts")):   # ... and the lease is free within moments
         assert time.monotonic() < deadline, "the lease of a closed store was never released"
         time.sleep(0.05)
-    assert b.try_lead("alerts") is True
+    assert taken > 0 and b.try_lead("alerts") == taken
 
 
 # -- alerts -----------------------------------------------------------------------------------
