@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from agent.errors import ConfigError
+from agent.renumber import renumber_plan
+from agent.sqlite_tx import immediate
 
 __all__ = ["Spool", "SpoolStats", "SpooledReport"]
 
@@ -174,22 +176,11 @@ class Spool:
 
         For a device that lost its spool (it restarted at seq 1) and is told by the
         aggregator that its seqs are below the high-water mark of its earlier life."""
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                rows = cur.execute("SELECT seq, payload FROM outbox ORDER BY seq").fetchall()
-                first = max(mark + 1, self._get(cur, "next_seq", 1))
-                if rows and rows[-1][0] >= first:  # keep the new numbers clear of the old
-                    first = rows[-1][0] + 1
-                for i, (seq, payload) in enumerate(rows):
-                    cur.execute("UPDATE outbox SET seq = ?, payload = ? WHERE seq = ?",
-                                (first + i, rebuild(bytes(payload), first + i), seq))
-                self._set(cur, "next_seq", first + len(rows))
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
+        with self._lock, immediate(self._db) as cur:
+            rows = cur.execute("SELECT seq, payload FROM outbox ORDER BY seq").fetchall()
+            first, updates = renumber_plan(rows, mark, self._get(cur, "next_seq", 1), rebuild)
+            cur.executemany("UPDATE outbox SET seq = ?, payload = ? WHERE seq = ?", updates)
+            self._set(cur, "next_seq", first + len(rows))
         if rows:
             logger.warning("renumbered %d pending report(s) from seq %d: the aggregator's mark "
                            "for this device is %d (was its spool lost?)", len(rows), first, mark)

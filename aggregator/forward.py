@@ -35,16 +35,18 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from agent.errors import ConfigError
+from agent.renumber import renumber_plan
 from agent.signing import ReportSigner
 from agent.spec import Spec
 from agent.spool import SpooledReport
+from agent.sqlite_tx import immediate
 from agent.transport import TlsCredentials, make_channel
 from agent.upload import Backoff, DeliveryResult, Uploader
 from agent.wire import summary_from_proto, summary_to_proto
 from aggregator.certs import check_id
 from aggregator.keys import AGGREGATOR_KEY_PREFIX
 from aggregator.store.base import Contribution, Store, parse_labels
-from aggregator.store.sqlite import contributions_from_blob
+from aggregator.store.rows import contributions_from_blob
 from protos import fleetwatch_pb2 as pb
 
 __all__ = ["FORWARD_LEASE", "ForwardConfig", "ForwardOutbox", "Forwarder", "Outbox"]
@@ -174,41 +176,31 @@ class ForwardOutbox:
         numbering, signing, writing the outbox rows and deleting the pending rows in one
         transaction (a crash leaves all of it or none). Returns the reports built."""
         built = 0
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                seq = _get(cur, "next_seq", 1)
-                for spec_hash, lid, ws in groups:
-                    spec = spec_of(spec_hash)
-                    if spec is None:  # cannot happen: the report was validated against it
-                        logger.error("forward: no spec %s; its pending reports wait",
-                                     spec_hash[:12])
-                        continue
-                    canonical = cur.execute("SELECT canonical FROM label_sets WHERE id = ?",
-                                            (lid,)).fetchone()[0]
-                    rows = cur.execute(
-                        "SELECT sender, seq, summary, contributions FROM forward_pending "
-                        "WHERE spec_hash = ? AND label_set = ? AND window_start = ? "
-                        "ORDER BY sender, seq", (spec_hash, lid, ws)).fetchall()
-                    for chunk in _chunks(rows, max_contributions):
-                        report = _forwarded_report(spec, parse_labels(canonical), ws, seq,
-                                                   upstream_id, chunk)
-                        data = report.SerializeToString()
-                        payload = (signer.envelope(data) if signer is not None else
-                                   pb.ReportEnvelope(report=data).SerializeToString())
-                        cur.execute("INSERT INTO forward_outbox (seq, spec_hash, window_start, "
-                                    "payload, created_ms) VALUES (?, ?, ?, ?, ?)",
-                                    (seq, spec_hash, ws, payload, int(time.time() * 1000)))
-                        seq += 1
-                        built += 1
-                    cur.executemany("DELETE FROM forward_pending WHERE sender = ? AND seq = ?",
-                                    [(r[0], r[1]) for r in rows])
-                _set(cur, "next_seq", seq)
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
+        with self._lock, immediate(self._db) as cur:
+            seq = _get(cur, "next_seq", 1)
+            for spec_hash, lid, ws in groups:
+                spec = spec_of(spec_hash)
+                if spec is None:  # cannot happen: the report was validated against it
+                    logger.error("forward: no spec %s; its pending reports wait",
+                                 spec_hash[:12])
+                    continue
+                canonical = cur.execute("SELECT canonical FROM label_sets WHERE id = ?",
+                                        (lid,)).fetchone()[0]
+                rows = cur.execute(
+                    "SELECT sender, seq, summary, contributions FROM forward_pending "
+                    "WHERE spec_hash = ? AND label_set = ? AND window_start = ? "
+                    "ORDER BY sender, seq", (spec_hash, lid, ws)).fetchall()
+                for chunk in _chunks(rows, max_contributions):
+                    payload = _forwarded_payload(spec, parse_labels(canonical), ws, seq,
+                                                 upstream_id, chunk, signer)
+                    cur.execute("INSERT INTO forward_outbox (seq, spec_hash, window_start, "
+                                "payload, created_ms) VALUES (?, ?, ?, ?, ?)",
+                                (seq, spec_hash, ws, payload, int(time.time() * 1000)))
+                    seq += 1
+                    built += 1
+                cur.executemany("DELETE FROM forward_pending WHERE sender = ? AND seq = ?",
+                                [(r[0], r[1]) for r in rows])
+            _set(cur, "next_seq", seq)
         return built
 
     # -- the Spool interface of agent.upload.Uploader -------------------------------------
@@ -227,39 +219,23 @@ class ForwardOutbox:
         """Refused for good by the upstream: kept (it is the region's data) for an operator,
         out of the way of the reports behind it."""
         with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(self._db) as cur:
                 cur.execute("INSERT OR REPLACE INTO forward_dead_letters (seq, payload, reason, "
                             "created_ms) SELECT seq, payload, ?, ? FROM forward_outbox "
                             "WHERE seq = ?", (reason[:2000], int(time.time() * 1000), seq))
                 cur.execute("DELETE FROM forward_outbox WHERE seq = ?", (seq,))
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
             self.dead_letters += 1   # (the Uploader logs the refusal)
 
     def renumber_above(self, mark: int, rebuild: Callable[[bytes, int], bytes]) -> int:
         """The upstream's mark for us is above our seqs (this regional's database was
         replaced): renumber every unsent report above it, in order, in one transaction."""
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                rows = cur.execute("SELECT seq, payload FROM forward_outbox ORDER BY seq"
-                                   ).fetchall()
-                first = max(mark + 1, _get(cur, "next_seq", 1))
-                if rows and rows[-1][0] >= first:
-                    first = rows[-1][0] + 1
-                for i, (seq, payload) in enumerate(rows):
-                    cur.execute("UPDATE forward_outbox SET seq = ?, payload = ? WHERE seq = ?",
-                                (first + i, rebuild(bytes(payload), first + i), seq))
-                _set(cur, "next_seq", first + len(rows))
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
+        with self._lock, immediate(self._db) as cur:
+            rows = cur.execute("SELECT seq, payload FROM forward_outbox ORDER BY seq"
+                               ).fetchall()
+            first, updates = renumber_plan(rows, mark, _get(cur, "next_seq", 1), rebuild)
+            cur.executemany("UPDATE forward_outbox SET seq = ?, payload = ? WHERE seq = ?",
+                            updates)
+            _set(cur, "next_seq", first + len(rows))
         if rows:
             logger.warning("forward: renumbered %d report(s) from seq %d (the upstream's mark "
                            "for this regional is %d)", len(rows), first, mark)
@@ -306,6 +282,16 @@ def _chunks(rows: list[tuple[str, int, bytes, bytes]], max_devices: int
         out[-1].append((contributions, bytes(summary)))
         devices |= new
     return out
+
+
+def _forwarded_payload(spec: Spec, labels: dict[str, str], window_start: int, seq: int,
+                       upstream_id: str, chunk: list[tuple[list[Contribution], bytes]],
+                       signer: ReportSigner | None) -> bytes:
+    """The outbox payload of one forwarded report: its envelope, signed when ``signer``."""
+    data = _forwarded_report(spec, labels, window_start, seq, upstream_id, chunk
+                             ).SerializeToString()
+    return (signer.envelope(data) if signer is not None else
+            pb.ReportEnvelope(report=data).SerializeToString())
 
 
 def _forwarded_report(spec: Spec, labels: dict[str, str], window_start: int, seq: int,

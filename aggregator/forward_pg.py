@@ -27,13 +27,13 @@ from typing import Any
 import psycopg
 
 from agent.errors import ConfigError
+from agent.renumber import renumber_plan
 from agent.signing import ReportSigner
 from agent.spec import Spec
 from agent.spool import SpooledReport
-from aggregator.forward import _chunks, _forwarded_report
+from aggregator.forward import _chunks, _forwarded_payload
 from aggregator.store.base import parse_labels
 from aggregator.store.postgres import redact_dsn
-from protos import fleetwatch_pb2 as pb
 
 __all__ = ["PostgresForwardOutbox"]
 
@@ -126,10 +126,8 @@ class PostgresForwardOutbox:
                     labels = parse_labels(label_row[0])
                     outbox = []
                     for chunk in _chunks(rows, max_contributions):
-                        report = _forwarded_report(spec, labels, ws, seq, upstream_id, chunk)
-                        data = report.SerializeToString()
-                        payload = (signer.envelope(data) if signer is not None else
-                                   pb.ReportEnvelope(report=data).SerializeToString())
+                        payload = _forwarded_payload(spec, labels, ws, seq, upstream_id, chunk,
+                                                     signer)
                         outbox.append((seq, spec_hash, ws, payload, int(time.time() * 1000)))
                         seq += 1
                     conn.cursor().executemany(
@@ -185,13 +183,9 @@ class PostgresForwardOutbox:
                 assert row is not None
                 rows = conn.execute("SELECT seq, payload FROM forward_outbox ORDER BY seq "
                                     "FOR UPDATE").fetchall()
-                first = max(mark + 1, int(row[0]))
-                if rows and rows[-1][0] >= first:
-                    first = int(rows[-1][0]) + 1   # above every old seq: no key collides
+                first, updates = renumber_plan(rows, mark, int(row[0]), rebuild)
                 conn.cursor().executemany(
-                    "UPDATE forward_outbox SET seq = %s, payload = %s WHERE seq = %s",
-                    [(first + i, rebuild(bytes(payload), first + i), seq)
-                     for i, (seq, payload) in enumerate(rows)])
+                    "UPDATE forward_outbox SET seq = %s, payload = %s WHERE seq = %s", updates)
                 conn.execute("UPDATE forward_state SET value = %s WHERE key = 'next_seq'",
                              (first + len(rows),))
         if rows:

@@ -23,9 +23,7 @@ a session-level advisory lock lives as long as its connection).
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import random
 import re
 import threading
@@ -55,8 +53,16 @@ from aggregator.store.base import (
     parse_labels,
     time_cover,
 )
+from aggregator.store.group_commit import commit_in_group
 from aggregator.store.pool import READERS, ReaderPool
-from aggregator.store.sqlite import contributions_to_blob
+from aggregator.store.rows import (
+    alert_from_row,
+    alert_history_query,
+    alert_insert_sql,
+    alert_to_row,
+    check_store_args,
+    contributions_to_blob,
+)
 from protos import fleetwatch_pb2 as pb
 
 __all__ = ["MIGRATIONS", "PostgresStore", "SchemaTooNew", "is_postgres_dsn", "redact_dsn"]
@@ -322,11 +328,7 @@ class PostgresStore:
 
     def __init__(self, dsn: str, reorder_window: int = REORDER_WINDOW, *,
                  forwarding: bool = False, readers: int = READERS) -> None:
-        if not isinstance(reorder_window, int) or reorder_window < 0:
-            raise ValueError(f"reorder_window: must be a non-negative integer, got "
-                             f"{reorder_window!r}")
-        if not isinstance(readers, int) or readers < 1:
-            raise ValueError(f"readers: must be a positive integer, got {readers!r}")
+        check_store_args(reorder_window, readers)
         self.reorder_window = reorder_window
         self.forwarding = forwarding
         self.dsn = dsn
@@ -484,20 +486,8 @@ class PostgresStore:
                          (Contribution.of(meta),) if contributions is None
                          else tuple(contributions),
                          canonical_labels(dict(meta.labels)))
-        with self._queue_lock:
-            self._queue.append(job)
-        while not job.done:
-            with self._write_lock:
-                if job.done:
-                    break
-                with self._queue_lock:
-                    batch = self._queue[:MAX_BATCH]
-                    del self._queue[:MAX_BATCH]
-                self._write_batch(batch)
-        if job.error is not None:
-            raise job.error
-        assert job.outcome is not None
-        return job.outcome
+        return commit_in_group(job, self._queue, self._queue_lock, self._write_lock,
+                               self._write_batch, MAX_BATCH)
 
     def _write_batch(self, batch: list[_IngestJob]) -> None:
         """The batch in one transaction, retried whole on a deadlock, a serialization failure
@@ -964,40 +954,13 @@ class PostgresStore:
                 (model, model_version, evaluated_until, snapshot_json,
                  int(time.time() * 1000)))
             if transitions:
-                cur.executemany(
-                    "INSERT INTO alert_history (at, rule, kind, model, model_version, "
-                    "fingerprint, previous_state, state, cohort, severity, value, "
-                    "threshold, starts_at, ends_at, labels, annotations) VALUES "
-                    "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    [(t.at_s, t.rule, t.kind, t.model, t.model_version, t.fingerprint,
-                      t.previous_state, t.state, json.dumps([list(p) for p in t.cohort]),
-                      t.severity, _real(t.value), _real(t.threshold), t.starts_at_s,
-                      t.ends_at_s, json.dumps(dict(t.labels), sort_keys=True),
-                      json.dumps(dict(t.annotations), sort_keys=True))
-                     for t in transitions])
+                cur.executemany(alert_insert_sql("%s"),
+                                [alert_to_row(t) for t in transitions])
 
     def alert_history(self, model: str = "", state: str = "", limit: int = 100
                       ) -> list[AlertRecord]:
-        where, args = [], []
-        if model:
-            where.append("model = %s")
-            args.append(model)
-        if state:
-            where.append("state = %s")
-            args.append(state)
-        sql = ("SELECT at, rule, kind, model, model_version, fingerprint, previous_state, "
-               "state, cohort, severity, value, threshold, starts_at, ends_at, labels, "
-               "annotations FROM alert_history" + (" WHERE " + " AND ".join(where)
-                                                   if where else "")
-               + " ORDER BY id DESC LIMIT %s")
-        rows = self._read(sql, (*args, max(0, int(limit))))
-        return [AlertRecord(
-            at_s=r[0], rule=r[1], kind=r[2], model=r[3], model_version=r[4], fingerprint=r[5],
-            previous_state=r[6], state=r[7],
-            cohort=tuple((str(k), str(v)) for k, v in json.loads(r[8])), severity=r[9],
-            value=math.nan if r[10] is None else r[10],
-            threshold=math.nan if r[11] is None else r[11], starts_at_s=r[12], ends_at_s=r[13],
-            labels=json.loads(r[14]), annotations=json.loads(r[15])) for r in rows]
+        return [alert_from_row(r) for r in self._read(*alert_history_query(model, state,
+                                                                            limit, "%s"))]
 
     def close(self) -> None:
         with self._lease_lock:
@@ -1008,8 +971,3 @@ class PostgresStore:
         with self._write_lock:
             self._readers.close()
             self._writer.close()
-
-
-def _real(x: float) -> float | None:
-    """NaN as NULL, as SqliteStore stores it."""
-    return None if math.isnan(x) else x

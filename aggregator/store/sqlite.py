@@ -9,9 +9,7 @@ one fsync serves many reports.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import pathlib
 import sqlite3
 import threading
@@ -21,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.spec import Spec
+from agent.sqlite_tx import immediate
 from agent.summary import Summary
 from agent.wire import ReportMeta, summary_from_proto, summary_to_proto
 from aggregator.store.base import (
@@ -36,8 +35,17 @@ from aggregator.store.base import (
     parse_labels,
     time_cover,
 )
+from aggregator.store.group_commit import commit_in_group
 from aggregator.store.pool import READERS, ReaderPool
 from aggregator.store.rollup_cache import BatchRollups, ReadCache, WriteCache
+from aggregator.store.rows import (
+    alert_from_row,
+    alert_history_query,
+    alert_insert_sql,
+    alert_to_row,
+    check_store_args,
+    contributions_to_blob,
+)
 from protos import fleetwatch_pb2 as pb
 
 __all__ = ["SqliteStore"]
@@ -239,11 +247,7 @@ class SqliteStore:
 
     def __init__(self, path: str | pathlib.Path, reorder_window: int = REORDER_WINDOW, *,
                  forwarding: bool = False, readers: int = READERS) -> None:
-        if not isinstance(reorder_window, int) or reorder_window < 0:
-            raise ValueError(f"reorder_window: must be a non-negative integer, got "
-                             f"{reorder_window!r}")
-        if not isinstance(readers, int) or readers < 1:
-            raise ValueError(f"readers: must be a positive integer, got {readers!r}")
+        check_store_args(reorder_window, readers)
         self.reorder_window = reorder_window
         self.path = pathlib.Path(path)
         if self.path.parent and not self.path.parent.exists():
@@ -287,12 +291,9 @@ class SqliteStore:
         """Create `device_activity` (and the edge index), filled from the stored reports when
         the database was written by a build without it: once, in one transaction, so a crash
         part-way leaves no half-filled table behind (the next open starts over)."""
-        cur = self._writer.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(self._writer) as cur:
             if cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
                            "name = 'device_activity'").fetchone() is not None:
-                cur.execute("COMMIT")
                 return
             t0 = time.monotonic()
             for statement in filter(str.strip, _ACTIVITY_SCHEMA.split(";")):
@@ -306,10 +307,6 @@ class SqliteStore:
                     "GROUP BY spec_hash, label_set, window_start / ?, device_id",
                     (res, res, res, res))
             rows = cur.execute("SELECT COUNT(*) FROM device_activity").fetchone()[0]
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
         if rows:
             logger.info("%s: device_activity filled from the stored reports: %d rows in %.1f s",
                         self.path, rows, time.monotonic() - t0)
@@ -317,9 +314,7 @@ class SqliteStore:
     def _add_sender_activity(self) -> None:
         """Create `sender_activity`, filled from the stored reports when missing (one
         transaction, as `_add_device_activity`)."""
-        cur = self._writer.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(self._writer) as cur:
             if cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
                            "name = 'sender_activity'").fetchone() is None:
                 for statement in filter(str.strip, _SENDER_SCHEMA.split(";")):
@@ -328,21 +323,14 @@ class SqliteStore:
                     "INSERT INTO sender_activity (spec_hash, sender, newest_window_start, "
                     "received_ms) SELECT spec_hash, device_id, MAX(window_start), "
                     "MAX(received_ms) FROM reports GROUP BY spec_hash, device_id")
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
 
     def _add_window_contributions(self) -> None:
         """Create `window_contributions`, filled from the stored reports (each its own
         device's contribution: no earlier build stored forwarded reports) when missing; once,
         in one transaction, as `_add_device_activity`."""
-        cur = self._writer.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(self._writer) as cur:
             if cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
                            "name = 'window_contributions'").fetchone() is not None:
-                cur.execute("COMMIT")
                 return
             t0 = time.monotonic()
             for statement in filter(str.strip, _CONTRIBUTIONS_SCHEMA.split(";")):
@@ -354,10 +342,6 @@ class SqliteStore:
                 "SUM(withheld), MAX(day_epsilon) FROM reports "
                 "GROUP BY device_id, window_start, spec_hash, label_set")
             rows = cur.execute("SELECT COUNT(*) FROM window_contributions").fetchone()[0]
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
         if rows:
             logger.info("%s: window_contributions filled from the stored reports: %d rows in "
                         "%.1f s", self.path, rows, time.monotonic() - t0)
@@ -436,22 +420,8 @@ class SqliteStore:
         every report that arrived while the previous batch was committing. Nobody waits for
         a batch to fill: a report alone is committed at once."""
         job = _IngestJob(meta, envelope, summary, resolutions, contributions)
-        with self._queue_lock:
-            self._queue.append(job)
-        while not job.done:
-            with self._write_lock:
-                # A leader finishes its batch (outcomes set) before it lets go of the lock:
-                # the job is now either done or still queued.
-                if job.done:
-                    break
-                with self._queue_lock:
-                    batch = self._queue[:MAX_BATCH]
-                    del self._queue[:MAX_BATCH]
-                self._write_batch(batch)
-        if job.error is not None:
-            raise job.error
-        assert job.outcome is not None
-        return job.outcome
+        return commit_in_group(job, self._queue, self._queue_lock, self._write_lock,
+                               self._write_batch, MAX_BATCH)
 
     def _write_batch(self, batch: list[_IngestJob], eager: bool = False) -> None:
         """One transaction for the batch; a report that fails rolls back its savepoint alone
@@ -800,18 +770,11 @@ class SqliteStore:
     # -- alerting ----------------------------------------------------------------------------
 
     def prune_raw(self, spec_hash: str, start: int, end: int) -> int:
-        with self._write_lock:
-            cur = self._writer.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                cur.execute("UPDATE reports SET envelope = x'' WHERE spec_hash = ? "
-                            "AND window_start >= ? AND window_start < ? "
-                            "AND length(envelope) > 0", (spec_hash, start, end))
-                n = cur.rowcount
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
+        with self._write_lock, immediate(self._writer) as cur:
+            cur.execute("UPDATE reports SET envelope = x'' WHERE spec_hash = ? "
+                        "AND window_start >= ? AND window_start < ? "
+                        "AND length(envelope) > 0", (spec_hash, start, end))
+            n = cur.rowcount
         return max(0, n)
 
     def window_range(self, spec_hash: str) -> tuple[int, int] | None:
@@ -836,53 +799,18 @@ class SqliteStore:
 
     def save_alert_window(self, model: str, model_version: str, evaluated_until: float,
                           snapshot_json: str, transitions: Sequence[AlertRecord]) -> None:
-        with self._write_lock:
-            cur = self._writer.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                cur.execute(
-                    "INSERT OR REPLACE INTO alert_engines (model, model_version, "
-                    "evaluated_until, snapshot, updated_ms) VALUES (?, ?, ?, ?, ?)",
-                    (model, model_version, evaluated_until, snapshot_json,
-                     int(time.time() * 1000)))
-                cur.executemany(
-                    "INSERT INTO alert_history (at, rule, kind, model, model_version, "
-                    "fingerprint, previous_state, state, cohort, severity, value, threshold, "
-                    "starts_at, ends_at, labels, annotations) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(t.at_s, t.rule, t.kind, t.model, t.model_version, t.fingerprint,
-                      t.previous_state, t.state, json.dumps([list(p) for p in t.cohort]),
-                      t.severity, _real(t.value), _real(t.threshold), t.starts_at_s,
-                      t.ends_at_s, json.dumps(dict(t.labels), sort_keys=True),
-                      json.dumps(dict(t.annotations), sort_keys=True))
-                     for t in transitions])
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
+        with self._write_lock, immediate(self._writer) as cur:
+            cur.execute(
+                "INSERT OR REPLACE INTO alert_engines (model, model_version, "
+                "evaluated_until, snapshot, updated_ms) VALUES (?, ?, ?, ?, ?)",
+                (model, model_version, evaluated_until, snapshot_json,
+                 int(time.time() * 1000)))
+            cur.executemany(alert_insert_sql("?"), [alert_to_row(t) for t in transitions])
 
     def alert_history(self, model: str = "", state: str = "", limit: int = 100
                       ) -> list[AlertRecord]:
-        where, args = [], []
-        if model:
-            where.append("model = ?")
-            args.append(model)
-        if state:
-            where.append("state = ?")
-            args.append(state)
-        sql = ("SELECT at, rule, kind, model, model_version, fingerprint, previous_state, "
-               "state, cohort, severity, value, threshold, starts_at, ends_at, labels, "
-               "annotations FROM alert_history" + (" WHERE " + " AND ".join(where)
-                                                   if where else "")
-               + " ORDER BY id DESC LIMIT ?")
-        rows = self._query(sql, (*args, max(0, int(limit))))
-        return [AlertRecord(
-            at_s=r[0], rule=r[1], kind=r[2], model=r[3], model_version=r[4], fingerprint=r[5],
-            previous_state=r[6], state=r[7],
-            cohort=tuple((str(k), str(v)) for k, v in json.loads(r[8])), severity=r[9],
-            value=math.nan if r[10] is None else r[10],
-            threshold=math.nan if r[11] is None else r[11], starts_at_s=r[12], ends_at_s=r[13],
-            labels=json.loads(r[14]), annotations=json.loads(r[15])) for r in rows]
+        return [alert_from_row(r) for r in self._query(*alert_history_query(model, state,
+                                                                             limit, "?"))]
 
     def sender_activity(self, spec_hash: str, received_since_ms: int
                         ) -> dict[str, tuple[int, int]]:
@@ -925,23 +853,5 @@ def _activity_cover(start: int, end: int) -> tuple[list[tuple[int, int, int]],
     return whole, edges
 
 
-def contributions_to_blob(contributions: Sequence[Contribution]) -> bytes:
-    """`forward_pending.contributions`: the wire form (a WindowReport holding only them)."""
-    return pb.WindowReport(contributions=[
-        pb.Contribution(device_id=c.device_id, reports=c.reports, withheld=c.withheld,
-                        max_day_epsilon=c.max_day_epsilon) for c in contributions
-    ]).SerializeToString()
-
-
-def contributions_from_blob(blob: bytes) -> list[Contribution]:
-    return [Contribution(c.device_id, c.reports, c.withheld, c.max_day_epsilon)
-            for c in pb.WindowReport.FromString(blob).contributions]
-
-
 def _decode_rollup(blob: bytes) -> Summary:
     return summary_from_proto(pb.Summary.FromString(blob))
-
-
-def _real(x: float) -> float | None:
-    """SQLite stores NaN as NULL anyway; say so explicitly."""
-    return None if math.isnan(x) else x

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +19,7 @@ from agent.wire import ReportMeta, summary_from_proto, summary_to_proto
 from aggregator.store.base import IngestOutcome, rollup_resolutions
 from aggregator.store.sqlite import SqliteStore
 from protos import fleetwatch_pb2 as pb
+from tests.aggregator.test_store_group_commit import one_batch
 
 W = 60
 SPEC = Spec(model="m", model_version="1",
@@ -49,31 +47,6 @@ def store(tmp_path: Path) -> Iterator[SqliteStore]:
     s.put_spec(SPEC)
     yield s
     s.close()
-
-
-def one_batch(store: SqliteStore, calls: list[Callable[[], IngestOutcome]]) -> list[Any]:
-    """The calls queued while the write lock is held, then written as one batch."""
-    results: list[Any] = [None] * len(calls)
-
-    def run(i: int) -> None:
-        try:
-            results[i] = calls[i]()
-        except Exception as e:
-            results[i] = e
-
-    commits = store.ingest_commits
-    with store._write_lock:
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-        for i, t in enumerate(threads):
-            t.start()
-            deadline = time.monotonic() + 10
-            while len(store._queue) <= i:
-                assert time.monotonic() < deadline, "a call never queued"
-                time.sleep(0.001)
-    for t in threads:
-        t.join(timeout=30)
-    assert store.ingest_commits == commits + 1, "expected one transaction for the batch"
-    return results
 
 
 def stored_rows(path: Path) -> dict[tuple[int, int, int], Summary]:

@@ -7,6 +7,7 @@ Imported by the tests as `delivery_helpers` (pytest puts tests/integration on sy
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -177,3 +178,57 @@ def check_backoff(starts: Sequence[Sequence[float]], base_s: float, cap_s: float
     assert cap_s * 0.3 < numbers["capped_mean_s"] < cap_s * 0.7 + slack_s / 2, numbers
     assert numbers["capped_sd_s"] > cap_s * 0.15, numbers
     return numbers
+
+
+def tcp_ports(pid: int) -> set[int]:
+    """The local ports of a process's TCP sockets (its fds' socket inodes in /proc/net/tcp)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[9] in inodes:
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def lease_port(dsn: str, role: str) -> int | None:
+    """The client port of the session holding ``role``'s advisory lock (`PostgresStore.
+    try_lead`) in THIS database (other tests' databases on the server hold the same lock
+    ids), None if none."""
+    # Imported here: only the PostgreSQL tests call this, the others need no psycopg.
+    import psycopg
+
+    from aggregator.store.postgres import LOCK_NAMESPACE
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND l.classid::bigint = %s AND l.objid::bigint = "
+            "(hashtext(%s)::bigint + 4294967296) %% 4294967296",
+            (LOCK_NAMESPACE % 2**32, role)).fetchall()
+    assert len(rows) <= 1, rows   # an exclusive lock: one holder at most
+    return rows[0][0] if rows else None
+
+
+def lease_holder(dsn: str, role: str, replicas: Sequence[Any], timeout_s: float = 15.0) -> Any:
+    """The one of ``replicas`` (each with a `proc`) whose process holds ``role``'s lease."""
+    deadline = time.monotonic() + timeout_s
+    port = None
+    while time.monotonic() < deadline:
+        port = lease_port(dsn, role)
+        holders = [r for r in replicas if port is not None and r.proc is not None
+                   and r.proc.poll() is None and port in tcp_ports(r.proc.pid)]
+        if holders:
+            assert len(holders) == 1
+            return holders[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no replica holds the {role} lease (lock port {port})")

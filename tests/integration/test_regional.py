@@ -22,8 +22,9 @@ import math
 import sqlite3
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -246,14 +247,15 @@ QUERIES = [({}, ()), ({}, ("region",)), ({}, ("region", "hw")), ({"hw": "pi"}, (
            ({"region": "c"}, ()), ({"region": "b"}, ("hw",))]
 
 
-def test_central_health_equals_a_single_aggregator_fed_every_report(tiers: dict) -> None:
-    central, single, truth = tiers["central"], tiers["single"], tiers["truth"]
-    start, end = tiers["start"], tiers["end"]
-    # Whole range, a range with cut edges (the exact per-window device counts), a day.
-    for lo, hi in ((start, end), (start + 2 * MINUTE_S, end - MINUTE_S), (end - 86400, end)):
+def assert_same_health(central: str, single: str, truth: FleetTruth, start: int, end: int,
+                       ranges: Iterable[tuple[int, int]]) -> None:
+    """`central`'s cohort health equals `single`'s for every query of QUERIES over each
+    range; over [start, end) the latency quantiles are within the sketch's rank error of
+    the truth (the central merged the same sketches in another, randomized, order)."""
+    for lo, hi in ranges:
         for selector, group_by in QUERIES:
-            ours = health(central.target, lo, hi, selector, group_by)
-            theirs = health(single.target, lo, hi, selector, group_by)
+            ours = health(central, lo, hi, selector, group_by)
+            theirs = health(single, lo, hi, selector, group_by)
             assert ours and len(ours) == len(theirs)
             for mine, expected in zip(ours, theirs, strict=True):
                 where = f"[{lo}, {hi}) {selector} by {group_by} {dict(expected.cohort)}"
@@ -261,26 +263,42 @@ def test_central_health_equals_a_single_aggregator_fed_every_report(tiers: dict)
                 assert mine.reports > 0 and mine.devices > 0, where
                 if (lo, hi) != (start, end):
                     continue
-                # The latency quantiles within the sketch's rank error of the truth: the
-                # central merged the same sketches in another (randomized) order.
                 lat = np.sort(truth_latencies(truth, {**selector, **dict(mine.cohort)}))
                 for q, name in ((0.5, "latency_p50_ms"), (0.95, "latency_p95_ms"),
                                 (0.99, "latency_p99_ms")):
                     rank = np.searchsorted(lat, getattr(mine, name), side="right") / lat.size
                     assert abs(rank - q) <= 3 * mine.latency_rank_error + 1 / lat.size, \
                         (where, name, rank)
+
+
+def assert_same_privacy(central: str, single: str, start: int, end: int) -> list[Any]:
+    """`central`'s privacy answers equal `single`'s by nothing, region, region and hw;
+    returns central's rows."""
+    rows = []
+    for group_by in ((), ("region",), ("region", "hw")):
+        ours = privacy(central, start, end, group_by)
+        theirs = privacy(single, start, end, group_by)
+        assert len(ours) == len(theirs) > 0
+        for mine, expected in zip(ours, theirs, strict=True):
+            assert_same(mine, expected, f"privacy by {group_by} {dict(expected.cohort)}")
+        rows.extend(ours)
+    return rows
+
+
+def test_central_health_equals_a_single_aggregator_fed_every_report(tiers: dict) -> None:
+    central, single, truth = tiers["central"], tiers["single"], tiers["truth"]
+    start, end = tiers["start"], tiers["end"]
+    # Whole range, a range with cut edges (the exact per-window device counts), a day.
+    assert_same_health(central.target, single.target, truth, start, end,
+                       ((start, end), (start + 2 * MINUTE_S, end - MINUTE_S),
+                        (end - 86400, end)))
     fleet = health(central.target, start, end)[0]
     assert fleet.devices == FLEET.devices and fleet.availability == 1.0
     assert 0 < fleet.withheld_reports + fleet.heartbeats < fleet.reports
     assert fleet.noise_sd_per_bin > 0 and fleet.labeled > 0   # DP noise and labels were on
-    for group_by in ((), ("region",), ("region", "hw")):
-        ours = privacy(central.target, start, end, group_by)
-        theirs = privacy(single.target, start, end, group_by)
-        assert len(ours) == len(theirs) > 0
-        for mine, expected in zip(ours, theirs, strict=True):
-            assert_same(mine, expected, f"privacy by {group_by} {dict(expected.cohort)}")
-            assert mine.devices > 0 and mine.max_day_epsilon_spent > 0
-            assert mine.devices_withholding > 0 and mine.reports_withheld > 0
+    for mine in assert_same_privacy(central.target, single.target, start, end):
+        assert mine.devices > 0 and mine.max_day_epsilon_spent > 0
+        assert mine.devices_withholding > 0 and mine.reports_withheld > 0
 
 
 def test_the_central_received_far_fewer_reports_and_nothing_twice(tiers: dict) -> None:

@@ -94,6 +94,24 @@ class SimClock:
         return self.t
 
 
+def observe_windows(mon: Monitor, clock: SimClock, rng: np.random.Generator, window_base: int,
+                    windows: range, n0: int) -> int:
+    """``n0 + w`` events into each window ``w`` of ``windows``, then a flush with the clock
+    past the last one (asserted to deliver everything); returns the events observed."""
+    total = 0
+    for w in windows:
+        n = n0 + w
+        clock.t = window_base + w * WINDOW_S + 5.0
+        mon.observe_batch({"temp": rng.normal(0, 1, n), "speed": rng.exponential(20, n),
+                           "scene": rng.choice(SCENES, n)},
+                          predictions=rng.uniform(0, 1, n),
+                          latency_ms=rng.lognormal(3, 0.5, n))
+        total += n
+    clock.t = window_base + windows.stop * WINDOW_S + 1.0
+    assert mon.flush(timeout_s=20.0) is True
+    return total
+
+
 def test_a_signed_monitor_delivers_end_to_end(signed_aggregator, pki: Path, spec: Spec,
                                               window_base: int, cohort_rpc,
                                               tmp_path: Path) -> None:
@@ -103,19 +121,8 @@ def test_a_signed_monitor_delivers_end_to_end(signed_aggregator, pki: Path, spec
                   aggregator=signed_aggregator.target, spool_dir=tmp_path / "spool",
                   clock=clock, background=False, grace_s=0.0,
                   signing_key=pki / "devices" / "cam-7.sign.key")
-    rng = np.random.default_rng(3)
-    total = 0
     try:
-        for w in range(3):
-            n = 40 + w
-            clock.t = window_base + w * WINDOW_S + 5.0
-            mon.observe_batch({"temp": rng.normal(0, 1, n), "speed": rng.exponential(20, n),
-                               "scene": rng.choice(SCENES, n)},
-                              predictions=rng.uniform(0, 1, n),
-                              latency_ms=rng.lognormal(3, 0.5, n))
-            total += n
-        clock.t = window_base + 3 * WINDOW_S + 1.0
-        assert mon.flush(timeout_s=20.0) is True
+        total = observe_windows(mon, clock, np.random.default_rng(3), window_base, range(3), 40)
         assert mon.stats().spool.pending == 0
     finally:
         mon.close(timeout_s=5.0)
@@ -144,19 +151,8 @@ def test_a_device_that_lost_its_spool_renumbers_above_its_mark(
                   aggregator=signed_aggregator.target, spool_dir=tmp_path / "fresh-spool",
                   clock=clock, background=False, grace_s=0.0,
                   signing_key=pki / "devices" / "cam-7.sign.key")
-    rng = np.random.default_rng(5)
-    total = 0
     try:
-        for w in range(3):
-            n = 30 + w
-            clock.t = window_base + w * WINDOW_S + 5.0
-            mon.observe_batch({"temp": rng.normal(0, 1, n), "speed": rng.exponential(20, n),
-                               "scene": rng.choice(SCENES, n)},
-                              predictions=rng.uniform(0, 1, n),
-                              latency_ms=rng.lognormal(3, 0.5, n))
-            total += n
-        clock.t = window_base + 3 * WINDOW_S + 1.0
-        assert mon.flush(timeout_s=20.0) is True
+        total = observe_windows(mon, clock, np.random.default_rng(5), window_base, range(3), 30)
         stats = mon.stats().spool
         assert stats.pending == 0 and stats.next_seq == 50_004  # continues above the mark
         assert mon._uploader.renumbered == 3
@@ -185,19 +181,9 @@ def test_a_lost_spool_within_the_reorder_window_renumbers_too(
         mon = Monitor(spec.model, spec.model_version, "cam-8", labels={"region": "eu"},
                       aggregator=signed_aggregator.target, spool_dir=tmp_path / spool,
                       clock=clock, background=False, grace_s=0.0, signing_key=key_file)
-        n_total = 0
         try:
-            for w in range(first_window, first_window + windows):
-                n = 20 + w
-                clock.t = window_base + w * WINDOW_S + 5.0
-                mon.observe_batch({"temp": rng.normal(0, 1, n),
-                                   "speed": rng.exponential(20, n),
-                                   "scene": rng.choice(SCENES, n)},
-                                  predictions=rng.uniform(0, 1, n),
-                                  latency_ms=rng.lognormal(3, 0.5, n))
-                n_total += n
-            clock.t = window_base + (first_window + windows) * WINDOW_S + 1.0
-            assert mon.flush(timeout_s=20.0) is True
+            n_total = observe_windows(mon, clock, rng, window_base,
+                                      range(first_window, first_window + windows), 20)
             assert mon.stats().spool.pending == 0
         finally:
             mon.close(timeout_s=5.0)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import importlib.util
-import os
 import sqlite3
 import sys
 import threading
@@ -37,7 +36,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-import psycopg
 import pytest
 
 from agent.errors import ConfigError
@@ -50,12 +48,11 @@ from aggregator.server import AggregatorConfig, serve
 from aggregator.simulator import (
     LATENCY_COLUMN,
     PREDICTION_COLUMN,
-    FleetTruth,
     reference_columns,
     run_fleet,
 )
 from aggregator.store.base import IngestOutcome
-from aggregator.store.postgres import LOCK_NAMESPACE, PostgresStore
+from aggregator.store.postgres import PostgresStore
 from aggregator.validate import validate_report
 from protos import fleetwatch_pb2 as pb
 
@@ -95,71 +92,22 @@ with _as_modules(conftest=_conftest, delivery_helpers=_delivery):
 AggregatorProcess = _delivery.AggregatorProcess
 Process = Any   # AggregatorProcess (loaded above, so not importable for annotations)
 pick_free_port = _conftest.pick_free_port
-FLEET, MINUTE_S, QUERIES = _regional.FLEET, _regional.MINUTE_S, _regional.QUERIES
-assert_same, health, privacy = _regional.assert_same, _regional.health, _regional.privacy
+FLEET, MINUTE_S = _regional.FLEET, _regional.MINUTE_S
+health = _regional.health
 push, send, stats = _regional.push, _regional.send, _regional.stats
 
 REGION_ID = "region-r"
 IDLE_S = "1"
 
 
-def tcp_ports(pid: int) -> set[int]:
-    """The local ports of a process's TCP sockets (its fds' socket inodes in /proc/net/tcp)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if link.startswith("socket:["):
-                inodes.add(link[8:-1])
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as f:
-            for line in f.readlines()[1:]:
-                cols = line.split()
-                if cols[9] in inodes:
-                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
-def lease_port(dsn: str, role: str) -> int | None:
-    """The client port of the session holding ``role``'s advisory lock in THIS database
-    (other tests' databases on the server hold the same lock ids), None if none."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.database = "
-            "(SELECT oid FROM pg_database WHERE datname = current_database()) "
-            "AND l.classid::bigint = %s AND l.objid::bigint = "
-            "(hashtext(%s)::bigint + 4294967296) %% 4294967296",
-            (LOCK_NAMESPACE % 2**32, role)).fetchall()
-    assert len(rows) <= 1, rows   # an exclusive lock: one holder at most
-    return rows[0][0] if rows else None
-
-
 def forwarding_replica(dsn: str, replicas: list[Process], timeout_s: float = 15.0
                        ) -> Process:
     """The replica whose process holds the "forward" lease's session."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        port = lease_port(dsn, FORWARD_LEASE)
-        if port is not None:
-            holders = [r for r in replicas if r.proc.poll() is None
-                       and port in tcp_ports(r.proc.pid)]
-            if holders:
-                assert len(holders) == 1
-                return holders[0]
-        time.sleep(0.1)
-    raise AssertionError("no replica holds the forward lease")
+    return _delivery.lease_holder(dsn, FORWARD_LEASE, replicas, timeout_s)
 
 
 def device_of(envelope: bytes) -> str:
     return pb.WindowReport.FromString(pb.ReportEnvelope.FromString(envelope).report).device_id
-
-
-def truth_latencies(truth: FleetTruth, cohort: dict[str, str]) -> np.ndarray:
-    parts = [truth.cohort(labels).latencies_ms for labels in FLEET.cohorts()
-             if all(labels.get(k) == v for k, v in cohort.items())]
-    return np.concatenate(parts)
 
 
 def feed(replicas: list[Process], dsn: str, envelopes: list[bytes], central: str) -> dict:
@@ -253,29 +201,9 @@ def test_two_replicas_forward_each_report_once_across_a_kill_of_the_forwarder(
             assert 0 < fed["central_at_kill"] < stats(central.target).accepted, fed
 
             # The central's answers equal the single aggregator's.
-            for lo, hi in ((start, end), (start + 2 * MINUTE_S, end - MINUTE_S)):
-                for selector, group_by in QUERIES:
-                    ours = health(central.target, lo, hi, selector, group_by)
-                    theirs = health(single.target, lo, hi, selector, group_by)
-                    assert ours and len(ours) == len(theirs)
-                    for mine, expected in zip(ours, theirs, strict=True):
-                        where = f"[{lo}, {hi}) {selector} by {group_by} {dict(expected.cohort)}"
-                        assert_same(mine, expected, where)
-                        if (lo, hi) != (start, end):
-                            continue
-                        lat = np.sort(truth_latencies(truth, {**selector, **dict(mine.cohort)}))
-                        for q, name in ((0.5, "latency_p50_ms"), (0.95, "latency_p95_ms"),
-                                        (0.99, "latency_p99_ms")):
-                            rank = (np.searchsorted(lat, getattr(mine, name), side="right")
-                                    / lat.size)
-                            assert abs(rank - q) <= 3 * mine.latency_rank_error + 1 / lat.size, \
-                                (where, name, rank)
-            for group_by in ((), ("region",), ("region", "hw")):
-                ours = privacy(central.target, start, end, group_by)
-                theirs = privacy(single.target, start, end, group_by)
-                assert len(ours) == len(theirs) > 0
-                for mine, expected in zip(ours, theirs, strict=True):
-                    assert_same(mine, expected, f"privacy by {group_by}")
+            _regional.assert_same_health(central.target, single.target, truth, start, end,
+                                         ((start, end), (start + 2 * MINUTE_S, end - MINUTE_S)))
+            _regional.assert_same_privacy(central.target, single.target, start, end)
             fleet = health(central.target, start, end)[0]
             assert fleet.reports == len(envelopes) and fleet.devices == FLEET.devices
 

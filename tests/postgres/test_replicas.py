@@ -51,7 +51,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent import Monitor
 from aggregator.simulator import SimClock, cohort_key
-from aggregator.store.postgres import LOCK_NAMESPACE
 from protos import fleetwatch_pb2 as pb
 from protos import fleetwatch_pb2_grpc as pb_grpc
 
@@ -160,52 +159,10 @@ class Replica:
             except subprocess.TimeoutExpired:
                 self.kill()
 
-    def tcp_ports(self) -> set[int]:
-        """The local ports of this process's TCP sockets (from /proc: its fds' socket inodes,
-        looked up in /proc/net/tcp)."""
-        assert self.proc is not None
-        inodes = set()
-        for fd in os.listdir(f"/proc/{self.proc.pid}/fd"):
-            with contextlib.suppress(OSError):
-                link = os.readlink(f"/proc/{self.proc.pid}/fd/{fd}")
-                if link.startswith("socket:["):
-                    inodes.add(link[8:-1])
-        ports = set()
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            with contextlib.suppress(OSError), open(table) as f:
-                for line in f.readlines()[1:]:
-                    cols = line.split()
-                    if cols[9] in inodes:
-                        ports.add(int(cols[1].rsplit(":", 1)[1], 16))
-        return ports
-
-
-def alert_lease_port(dsn: str) -> int | None:
-    """The client port of the session holding the "alerts" advisory lock in this database
-    (other tests' databases on the server have their own), None if none."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.database = "
-            "(SELECT oid FROM pg_database WHERE datname = current_database()) "
-            "AND l.classid::bigint = %s AND l.objid::bigint = "
-            "(hashtext('alerts')::bigint + 4294967296) %% 4294967296",
-            (LOCK_NAMESPACE % 2**32,)).fetchall()
-    assert len(rows) <= 1, rows   # an exclusive lock: one holder at most
-    return rows[0][0] if rows else None
-
 
 def leader(dsn: str, replicas: list[Replica], timeout_s: float = 15.0) -> Replica:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        port = alert_lease_port(dsn)
-        holders = [r for r in replicas if port is not None and r.proc is not None
-                   and r.proc.poll() is None and port in r.tcp_ports()]
-        if holders:
-            assert len(holders) == 1
-            return holders[0]
-        time.sleep(0.1)
-    raise AssertionError(f"no replica holds the alerts lease (lock port {port})")
+    leading: Replica = _delivery.lease_holder(dsn, "alerts", replicas, timeout_s)
+    return leading
 
 
 class Mirror(grpc.UnaryUnaryClientInterceptor):
