@@ -740,3 +740,62 @@ def test_a_regional_replaced_with_an_empty_database_continues_above_the_mark(
 
 def meta_events(summary: object) -> int:
     return int(summary.event_count)  # type: ignore[attr-defined]
+
+
+def test_three_tiers_a_regional_forwarding_to_a_regional(tmp_path: Path) -> None:
+    """leaf regional -> mid regional -> central: a forwarded report merged again and
+    forwarded on keeps every device's contribution, so the central's counts, devices and
+    privacy table equal a single aggregator's fed the device reports directly."""
+    from aggregator.forward import ForwardConfig
+
+    spec = demo_spec()
+    ws = int(time.time()) // MINUTE_S * MINUTE_S - 8 * MINUTE_S
+    parts = device_summaries(spec, ws)
+    envelopes = []
+    for minute in range(3):
+        for _device, (meta, summary) in parts:   # two devices
+            m = dataclasses.replace(meta, window_start_unix_s=ws + minute * MINUTE_S,
+                                    seq=minute + 1)
+            envelopes.append(pb.ReportEnvelope(report=report_to_proto(
+                m, summary).SerializeToString()).SerializeToString())
+
+    def fwd(target: str, name: str) -> ForwardConfig:
+        return ForwardConfig(upstream=target, upstream_id=name, idle_s=0.3, tick_s=0.1,
+                             backoff_base_s=0.1, backoff_cap_s=0.5)
+
+    def totals(target: str) -> list[tuple[str, int, int, int, int]]:
+        rows = health(target, ws, ws + 3 * MINUTE_S, group_by=("region",))
+        return sorted((r.cohort["region"], r.reports, r.events, r.errors, r.devices)
+                      for r in rows)
+
+    with serve(AggregatorConfig(db=tmp_path / "central.sqlite", listen="127.0.0.1:0",
+                                workers=2)) as central, \
+            serve(AggregatorConfig(db=tmp_path / "single.sqlite", listen="127.0.0.1:0",
+                                   workers=2)) as single:
+        push(central.target, spec)
+        push(single.target, spec)
+        with serve(AggregatorConfig(db=tmp_path / "mid.sqlite", listen="127.0.0.1:0",
+                                    workers=2, forward=fwd(central.target, "mid"))) as mid:
+            push(mid.target, spec)
+            with serve(AggregatorConfig(db=tmp_path / "leaf.sqlite", listen="127.0.0.1:0",
+                                        workers=2, forward=fwd(mid.target, "leaf"))) as leaf:
+                push(leaf.target, spec)
+                with grpc.insecure_channel(leaf.target) as a, \
+                        grpc.insecure_channel(single.target) as b:
+                    for env in envelopes:
+                        assert send(a, env) == pb.ReportResponse.ACCEPTED
+                        assert send(b, env) == pb.ReportResponse.ACCEPTED
+                _wait_forwarding(leaf.target, lambda s: s["pending"] == 0 and s["outbox"] == 0
+                                 and s["sent"] >= 3)
+                _wait_forwarding(mid.target, lambda s: s["pending"] == 0 and s["outbox"] == 0
+                                 and s["sent"] >= 3)
+        # 6 device reports, 3 forwarded by the leaf (one per window), 3 again by the mid.
+        assert stats(central.target).accepted == 3
+        assert totals(central.target) == totals(single.target)
+        assert totals(central.target)[0][4] == 2   # both devices, counted by contribution
+        def privacy_rows(target: str) -> list[tuple]:
+            return [(dict(p.cohort), p.devices, p.reports, p.reports_withheld,
+                     p.max_day_epsilon_spent, p.mean_day_epsilon_spent)
+                    for p in privacy(target, ws, ws + 3 * MINUTE_S, ("region",))]
+
+        assert privacy_rows(central.target) == privacy_rows(single.target)
