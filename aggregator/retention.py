@@ -8,8 +8,9 @@ privacy sums), so dropping old envelopes loses no answer. The report's row stays
 bytes: its (device_id, seq) still deduplicates, so a resend of a pruned report is still a
 DUPLICATE and never merged twice.
 
-The pruner works through each spec's windows in hour-long transactions (a short write lock
-each), oldest first, remembering how far it got.
+The pruner works through each spec's windows an hour at a time, oldest first, in
+transactions of at most 5,000 reports (a short write lock each, so ingest is not held up),
+remembering how far it got.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ __all__ = ["DEFAULT_RETAIN_S", "RawRetention"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_RETAIN_S = 7 * 86400
-CHUNK_S = 3600            # window starts pruned per transaction
+CHUNK_S = 3600            # window starts pruned per pass
+BATCH = 5000              # envelopes per transaction: keeps each write lock short
 DEFAULT_EVERY_S = 600.0   # how often the pruner looks
 
 
@@ -60,9 +62,11 @@ class RawRetention:
                     continue
                 start = found[0] // CHUNK_S * CHUNK_S
             while start < cutoff and not self._stop.is_set():
-                dropped += self.store.prune_raw(spec.hash, start, start + CHUNK_S)
-                start += CHUNK_S
-                self._done_until[spec.hash] = start
+                n = self.store.prune_raw(spec.hash, start, start + CHUNK_S, BATCH)
+                dropped += n
+                if n < BATCH:  # this hour is done (a full batch: more of it to go)
+                    start += CHUNK_S
+                    self._done_until[spec.hash] = start
         self.pruned += dropped
         if dropped:
             logger.info("retention: dropped the raw envelopes of %d reports older than %.0f s "

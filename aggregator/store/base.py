@@ -225,12 +225,13 @@ class Store(Protocol):
 
     # -- retention (aggregator.retention) -------------------------------------------------------
 
-    def prune_raw(self, spec_hash: str, start: int, end: int) -> int:
-        """Drop the raw envelopes of the spec's reports whose window starts in [start, end),
-        keeping each report's row (its (device_id, seq) still deduplicates: a resend of a
-        pruned report is a DUPLICATE, never merged again) and everything derived from it
-        (rollups, device counts, privacy sums). One transaction; returns the envelopes
-        dropped."""
+    def prune_raw(self, spec_hash: str, start: int, end: int, limit: int = 5000) -> int:
+        """Drop the raw envelopes of at most ``limit`` of the spec's reports whose window
+        starts in [start, end), keeping each report's row (its (device_id, seq) still
+        deduplicates: a resend of a pruned report is a DUPLICATE, never merged again) and
+        everything derived from it (rollups, device counts, privacy sums). One short
+        transaction (ingest waits for it); returns the envelopes dropped (``limit``: call
+        again)."""
         ...
 
     # -- alerting (aggregator.alerts.evaluator) -------------------------------------------------

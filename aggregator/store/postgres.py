@@ -889,15 +889,16 @@ class PostgresStore:
 
     # -- alerting ------------------------------------------------------------------------------
 
-    def prune_raw(self, spec_hash: str, start: int, end: int) -> int:
+    def prune_raw(self, spec_hash: str, start: int, end: int, limit: int = 5000) -> int:
         with self._write_lock:
             if self._writer.closed or self._writer.broken:
                 self._writer = self._connect()
             with self._writer.transaction():
                 cur = self._writer.execute(
-                    "UPDATE reports SET envelope = ''::bytea WHERE spec_hash = %s "
-                    "AND window_start >= %s AND window_start < %s AND length(envelope) > 0",
-                    (spec_hash, start, end))
+                    "UPDATE reports SET envelope = ''::bytea WHERE (device_id, seq) IN ("
+                    "SELECT device_id, seq FROM reports WHERE spec_hash = %s "
+                    "AND window_start >= %s AND window_start < %s AND length(envelope) > 0 "
+                    "LIMIT %s)", (spec_hash, start, end, limit))
                 return max(0, cur.rowcount)
 
     def window_range(self, spec_hash: str) -> tuple[int, int] | None:

@@ -769,11 +769,11 @@ class SqliteStore:
 
     # -- alerting ----------------------------------------------------------------------------
 
-    def prune_raw(self, spec_hash: str, start: int, end: int) -> int:
+    def prune_raw(self, spec_hash: str, start: int, end: int, limit: int = 5000) -> int:
         with self._write_lock, immediate(self._writer) as cur:
-            cur.execute("UPDATE reports SET envelope = x'' WHERE spec_hash = ? "
-                        "AND window_start >= ? AND window_start < ? "
-                        "AND length(envelope) > 0", (spec_hash, start, end))
+            cur.execute("UPDATE reports SET envelope = x'' WHERE rowid IN (SELECT rowid FROM "
+                        "reports WHERE spec_hash = ? AND window_start >= ? AND window_start < ? "
+                        "AND length(envelope) > 0 LIMIT ?)", (spec_hash, start, end, limit))
             n = cur.rowcount
         return max(0, n)
 

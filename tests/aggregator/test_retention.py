@@ -50,3 +50,41 @@ def test_a_store_without_reports_is_left_alone(tmp_path: Path) -> None:
             RawRetention(store, 0)
     finally:
         store.close()
+
+
+def test_the_pruner_takes_a_backlog_in_batches(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    import aggregator.retention as retention
+    from agent.spec import NUMERIC, FeatureSpec, Spec
+    from agent.window import WindowAccumulator
+    from agent.wire import ReportMeta
+    from aggregator.store.base import rollup_resolutions
+
+    monkeypatch.setattr(retention, "BATCH", 2)
+    spec = Spec("m", "1", (FeatureSpec("x", NUMERIC, edges=(0.0, 1.0),
+                                       reference_counts=(1, 1, 1, 1)),), reference_rows=4)
+    store = SqliteStore(tmp_path / "a.sqlite")
+    calls: list[int] = []
+    real = store.prune_raw
+
+    def counting(*args: object) -> int:
+        n = real(*args)  # type: ignore[arg-type]
+        calls.append(n)
+        return n
+
+    try:
+        store.put_spec(spec)
+        ws = 1_700_000_000 // 3600 * 3600
+        acc = WindowAccumulator(spec, ws)
+        acc.observe_batch({"x": np.array([0.5])}, None, np.array([1.0]), np.zeros(1, bool), 1)
+        for seq in range(1, 6):
+            meta = ReportMeta(f"d{seq}", "m", "1", {}, ws, 60, seq, spec.hash)
+            store.ingest(meta, b"raw", acc.to_summary(), rollup_resolutions(60))
+        store.prune_raw = counting  # type: ignore[method-assign]
+        pruner = RawRetention(store, 60.0, clock=lambda: ws + 7200.0)
+        assert pruner.run_once() == 5
+        assert calls == [2, 2, 1]   # three short transactions, not one long one
+    finally:
+        store.close()

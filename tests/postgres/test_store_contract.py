@@ -561,3 +561,16 @@ def test_pruned_envelopes_still_deduplicate_and_keep_every_answer(store: Store) 
     clock[0] += 2 * HOUR_S                                    # two more hours are due
     assert pruner.run_once() == 6
     assert store.prune_raw(SPEC.hash, hours[0], hours[-1] + HOUR_S) == 0   # all gone already
+
+
+def test_pruning_goes_in_bounded_batches(store: Store) -> None:
+    """A big backlog is pruned a batch at a time (each a short transaction), never more."""
+    store.put_spec(SPEC)
+    rng = np.random.default_rng(10)
+    s, _, _ = make_summary(rng, 2)
+    ws = T0 // HOUR_S * HOUR_S
+    for seq in range(1, 8):
+        store.ingest(meta("d1", seq, ws + (seq % 3) * W), f"e{seq}".encode(), s, RES)
+    assert [store.prune_raw(SPEC.hash, ws, ws + HOUR_S, limit=3) for _ in range(4)] == \
+        [3, 3, 1, 0]
+    assert store.ingest(meta("d1", 5, ws + 2 * W), b"other", s, RES) is IngestOutcome.DUPLICATE
