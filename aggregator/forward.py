@@ -45,6 +45,7 @@ from agent.upload import Backoff, DeliveryResult, Uploader
 from agent.wire import summary_from_proto, summary_to_proto
 from aggregator.certs import check_id
 from aggregator.keys import AGGREGATOR_KEY_PREFIX
+from aggregator.store import is_postgres_dsn
 from aggregator.store.base import Contribution, Store, parse_labels
 from aggregator.store.rows import contributions_from_blob
 from protos import fleetwatch_pb2 as pb
@@ -340,7 +341,7 @@ class Forwarder:
         self.store = store
         self._signer = config.signer()   # a bad key file fails before anything starts
         if isinstance(db, (str, pathlib.Path)):
-            if str(db).startswith(("postgresql://", "postgres://")):
+            if is_postgres_dsn(db):
                 from aggregator.forward_pg import PostgresForwardOutbox  # loads psycopg
 
                 db = PostgresForwardOutbox(str(db))

@@ -67,6 +67,7 @@ from aggregator.simulator import (  # noqa: E402
     SimClock,
     reference_columns,
 )
+from aggregator.store import is_postgres_dsn  # noqa: E402
 from protos import fleetwatch_pb2 as pb  # noqa: E402
 from protos import fleetwatch_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -341,7 +342,7 @@ def fresh_postgres_database(server_dsn: str) -> Iterator[str]:
 
 
 def stored_reports(db: str | pathlib.Path) -> int:
-    if str(db).startswith(("postgresql://", "postgres://")):
+    if is_postgres_dsn(db):
         import psycopg
         with psycopg.connect(str(db)) as conn:
             row = conn.execute("SELECT COUNT(*) FROM reports").fetchone()
@@ -460,7 +461,7 @@ def _run(duration_s: float, devices: int, security: Security, workers: int,
         "rss_max_mb": round(max([rss for _, rss in samples] + [rss_end]) / mb, 1),
         "rss_samples_mb": [[round(t, 1), round(rss / mb, 1)] for t, rss in samples],
         "replicas": replicas,
-        "database": "postgresql" if str(db).startswith("postgres") else "sqlite",
+        "database": "postgresql" if is_postgres_dsn(db) else "sqlite",
         "server_accepted": sum(st.accepted for st in stats),
         "server_accepted_by_replica": [st.accepted for st in stats],
         "server_duplicates": sum(st.duplicates for st in stats),

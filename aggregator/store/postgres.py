@@ -65,7 +65,7 @@ from aggregator.store.rows import (
 )
 from protos import fleetwatch_pb2 as pb
 
-__all__ = ["MIGRATIONS", "PostgresStore", "SchemaTooNew", "is_postgres_dsn", "redact_dsn"]
+__all__ = ["MIGRATIONS", "PostgresStore", "SchemaTooNew", "redact_dsn"]
 
 logger = logging.getLogger(__name__)
 
@@ -244,10 +244,6 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 class SchemaTooNew(ConfigError):
     """The database was migrated by a newer build than this one."""
-
-
-def is_postgres_dsn(db: object) -> bool:
-    return isinstance(db, str) and db.startswith(("postgresql://", "postgres://"))
 
 
 _SECRET_KEYS = frozenset({"password", "sslpassword"})
