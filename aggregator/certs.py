@@ -197,9 +197,17 @@ def issue_device(directory: str | os.PathLike[str], device_id: str, days: int = 
 
     Writes ``devices/<ID>.pem``, ``.key``, ``.sign.key`` (PKCS8 PEM) and ``.sign.pub``
     (SubjectPublicKeyInfo PEM, what the aggregator verifies reports with)."""
-    paths = device_paths(directory, device_id)
+    return _issue_signing_client(directory, DEVICE, device_id,
+                                 device_paths(directory, device_id), days, force, now)
+
+
+def _issue_signing_client(directory: str | os.PathLike[str], role: str, name: str,
+                          paths: dict[str, pathlib.Path], days: int, force: bool,
+                          now: datetime.datetime | None) -> Issued:
+    """A client certificate of ``role`` and an Ed25519 report-signing key pair, written to
+    ``paths`` (cert, key, sign_key, sign_pub): what devices and regional aggregators hold."""
     _refuse_overwrite(paths.values(), force)
-    key, cert = _client_leaf(directory, DEVICE, device_id, days, now)
+    key, cert = _client_leaf(directory, role, name, days, now)
     signing = ed25519.Ed25519PrivateKey.generate()
     _write(paths["key"], _key_pem(key), secret=True)
     _write(paths["cert"], cert.public_bytes(serialization.Encoding.PEM))
@@ -223,16 +231,8 @@ def issue_aggregator(directory: str | os.PathLike[str], name: str, days: int = L
     <NAME>``) and its Ed25519 signing key pair, for forwarding to the central tier:
     ``aggregators/<NAME>.pem``, ``.key``, ``.sign.key``, ``.sign.pub`` (the central verifies
     with the last, key id ``aggregator:<NAME>``)."""
-    paths = aggregator_paths(directory, name)
-    _refuse_overwrite(paths.values(), force)
-    key, cert = _client_leaf(directory, AGGREGATOR, name, days, now)
-    signing = ed25519.Ed25519PrivateKey.generate()
-    _write(paths["key"], _key_pem(key), secret=True)
-    _write(paths["cert"], cert.public_bytes(serialization.Encoding.PEM))
-    _write(paths["sign_key"], _key_pem(signing), secret=True)
-    _write(paths["sign_pub"], signing.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    return Issued(tuple(paths.values()), cert.serial_number, cert.not_valid_after_utc)
+    return _issue_signing_client(directory, AGGREGATOR, name,
+                                 aggregator_paths(directory, name), days, force, now)
 
 
 def issue_operator(directory: str | os.PathLike[str], name: str, days: int = LEAF_DAYS, *,
