@@ -11,9 +11,9 @@ from agent.spec import Spec
 from agent.summary import Summary
 from agent.wire import ReportMeta
 
-__all__ = ["REORDER_WINDOW", "AlertRecord", "Contribution", "IngestOutcome", "LabelSet",
-           "PrivacyStats", "Store", "canonical_labels", "parse_labels", "rollup_resolutions",
-           "time_cover"]
+__all__ = ["ACTIVITY_RESOLUTIONS", "REORDER_WINDOW", "AlertRecord", "Contribution",
+           "IngestOutcome", "LabelSet", "PrivacyStats", "Store", "activity_cover",
+           "canonical_labels", "parse_labels", "rollup_resolutions", "time_cover"]
 
 DAY_S = 86400
 HOUR_S = 3600
@@ -148,6 +148,25 @@ def time_cover(start: int, end: int, resolutions: tuple[int, ...]) -> list[tuple
     if lo >= hi:
         return time_cover(start, end, rest)
     return time_cover(start, lo, rest) + [(coarse, lo, hi)] + time_cover(hi, end, rest)
+
+
+# The buckets device counts and privacy sums are kept at beside each window
+# (`device_activity`): a long range reads whole hours and days, and windows only at its edges.
+ACTIVITY_RESOLUTIONS = (HOUR_S, DAY_S)
+
+
+def activity_cover(start: int, end: int) -> tuple[list[tuple[int, int, int]],
+                                                 list[tuple[int, int]]]:
+    """[start, end) as whole `device_activity` buckets, (resolution, lo, hi) with bucket
+    starts in [lo, hi), and the edges left over, (lo, hi) window-start ranges each shorter
+    than an hour (or, with no whole hour inside, the range itself)."""
+    whole, edges = [], []
+    for res, lo, hi in time_cover(start, end, (1, *ACTIVITY_RESOLUTIONS)):
+        if res == 1:
+            edges.append((lo, hi))
+        else:
+            whole.append((res, lo, hi))
+    return whole, edges
 
 
 class Store(Protocol):

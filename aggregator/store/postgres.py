@@ -41,17 +41,16 @@ from agent.spec import Spec
 from agent.summary import Summary
 from agent.wire import ReportMeta, summary_from_proto, summary_to_proto
 from aggregator.store.base import (
-    DAY_S,
-    HOUR_S,
+    ACTIVITY_RESOLUTIONS,
     REORDER_WINDOW,
     AlertRecord,
     Contribution,
     IngestOutcome,
     LabelSet,
     PrivacyStats,
+    activity_cover,
     canonical_labels,
     parse_labels,
-    time_cover,
 )
 from aggregator.store.group_commit import commit_in_group
 from aggregator.store.pool import READERS, ReaderPool
@@ -69,7 +68,6 @@ __all__ = ["MIGRATIONS", "PostgresStore", "SchemaTooNew", "redact_dsn"]
 
 logger = logging.getLogger(__name__)
 
-ACTIVITY_RESOLUTIONS = (HOUR_S, DAY_S)
 # Reports per group-commit transaction, at most (as in SqliteStore).
 MAX_BATCH = 256
 # Whole-transaction retries on a deadlock, a serialization failure or a lost connection.
@@ -792,17 +790,17 @@ class PostgresStore:
         days inside it, contributions for the (under an hour long) edges."""
         parts: list[str] = []
         args: list[Any] = []
-        for res, lo, hi in time_cover(start, end, (1, *ACTIVITY_RESOLUTIONS)):
-            if res == 1:
-                parts.append(f"SELECT {columns} FROM contributions WHERE spec_hash = %s "
-                             f"AND label_set = ANY(%s) AND window_start >= %s "
-                             f"AND window_start < %s")
-                args += [spec_hash, ids, lo, hi]
-            else:
-                parts.append(f"SELECT {columns} FROM device_activity WHERE spec_hash = %s "
-                             f"AND resolution = %s AND label_set = ANY(%s) AND bucket >= %s "
-                             f"AND bucket < %s")
-                args += [spec_hash, res, ids, lo, hi]
+        whole, edges = activity_cover(start, end)
+        for res, lo, hi in whole:
+            parts.append(f"SELECT {columns} FROM device_activity WHERE spec_hash = %s "
+                         f"AND resolution = %s AND label_set = ANY(%s) AND bucket >= %s "
+                         f"AND bucket < %s")
+            args += [spec_hash, res, ids, lo, hi]
+        for lo, hi in edges:
+            parts.append(f"SELECT {columns} FROM contributions WHERE spec_hash = %s "
+                         f"AND label_set = ANY(%s) AND window_start >= %s "
+                         f"AND window_start < %s")
+            args += [spec_hash, ids, lo, hi]
         return parts, args
 
     def device_count(self, spec_hash: str, label_set_ids: Iterable[int], start: int,

@@ -23,7 +23,7 @@ from agent.sqlite_tx import immediate
 from agent.summary import Summary
 from agent.wire import ReportMeta, summary_from_proto, summary_to_proto
 from aggregator.store.base import (
-    DAY_S,
+    ACTIVITY_RESOLUTIONS,
     HOUR_S,
     REORDER_WINDOW,
     AlertRecord,
@@ -31,9 +31,9 @@ from aggregator.store.base import (
     IngestOutcome,
     LabelSet,
     PrivacyStats,
+    activity_cover,
     canonical_labels,
     parse_labels,
-    time_cover,
 )
 from aggregator.store.group_commit import commit_in_group
 from aggregator.store.pool import READERS, ReaderPool
@@ -161,7 +161,6 @@ CREATE INDEX IF NOT EXISTS reports_by_device ON reports (device_id, window_start
 # every label set in the range (the primary key puts window_start before label_set).
 _ROLLUPS_BY_LABEL_SET = ("CREATE INDEX IF NOT EXISTS rollups_by_label_set ON rollups "
                          "(spec_hash, resolution, label_set, window_start)")
-ACTIVITY_RESOLUTIONS = (HOUR_S, DAY_S)
 # Per device (by contribution: a forwarded report's devices, not its sender) and window: the
 # exact edges of `device_count` and `privacy_stats` ("did this device report in [a, b)?" is one
 # seek). Written in the ingest transaction like `device_activity`; a database from an earlier
@@ -701,7 +700,7 @@ class SqliteStore:
         if key in memo[1]:
             return memo[1][key]
         marks = ",".join("?" * len(ids))
-        whole, edges = _activity_cover(start, end)
+        whole, edges = activity_cover(start, end)
         covered_sql, covered_args = [], []
         for res, lo, hi in whole:
             covered_sql.append(
@@ -744,7 +743,7 @@ class SqliteStore:
         if not ids or start >= end:
             return PrivacyStats(0, 0, 0, 0, 0.0, 0.0)
         marks = ",".join("?" * len(ids))
-        whole, edges = _activity_cover(start, end)
+        whole, edges = activity_cover(start, end)
         parts, args = [], []
         for res, lo, hi in whole:
             parts.append(
@@ -837,20 +836,6 @@ def _sqlite_usable(db: sqlite3.Connection) -> bool:
     except sqlite3.ProgrammingError:
         return False
     return True
-
-
-def _activity_cover(start: int, end: int) -> tuple[list[tuple[int, int, int]],
-                                                  list[tuple[int, int]]]:
-    """[start, end) as whole `device_activity` buckets, (resolution, lo, hi) with bucket
-    starts in [lo, hi), and the edges left over, (lo, hi) window-start ranges each shorter
-    than an hour (or, with no whole hour inside, the range itself)."""
-    whole, edges = [], []
-    for res, lo, hi in time_cover(start, end, (1, *ACTIVITY_RESOLUTIONS)):
-        if res == 1:
-            edges.append((lo, hi))
-        else:
-            whole.append((res, lo, hi))
-    return whole, edges
 
 
 def _decode_rollup(blob: bytes) -> Summary:
