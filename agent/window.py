@@ -45,7 +45,7 @@ def _latency_array(latency_ms: Any) -> np.ndarray:
     left out, and a value float() cannot take becomes NaN, which is counted invalid."""
     arr = np.asarray(latency_ms)
     if arr.dtype.kind in "biuf":
-        return arr.astype(np.float64).reshape(-1)
+        return arr.astype(np.float64, copy=False).reshape(-1)  # only read: no copy needed
     out = []
     for v in arr.astype(object).reshape(-1):
         if v is None:
@@ -290,9 +290,10 @@ class WindowAccumulator:
                 self.invalid += invalid
         if lat is not None:
             ok = (lat >= 0) & (lat <= _MAX_LATENCY_MS)
-            self.invalid += int(lat.size - ok.sum())
-            if ok.any():
-                self._latency.update(lat[ok].astype(np.float32))
+            good = int(np.count_nonzero(ok))
+            self.invalid += lat.size - good
+            if good:  # usually all good: no selection copy then
+                self._latency.update((lat if good == lat.size else lat[ok]).astype(np.float32))
         self.events += n
         if errors is not None:
             self.errors += int(np.count_nonzero(np.asarray(errors).reshape(-1)))

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from fractions import Fraction
+from unittest import mock
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent import binning
 from agent.binning import CategoricalBinner, NumericBinner, make_binner
 from agent.spec import CATEGORICAL, NUMERIC, FeatureSpec
 
@@ -22,6 +26,7 @@ VOCAB = ("a", "b", "1", "True")
 CAT = FeatureSpec("c", CATEGORICAL, vocabulary=VOCAB)
 # [a, b, "1", "True", other, missing]
 OTHER, CMISSING = 4, 5
+_FMAX = float(np.finfo(np.float64).max)
 
 
 def _objects(*values) -> np.ndarray:
@@ -348,3 +353,138 @@ def test_categorical_counts_equal_a_counter(values):
     counts, invalid = CategoricalBinner(CAT).counts(np.array(values, dtype=str))
     want = [values.count(v) for v in VOCAB] + [values.count("x") + values.count("y"), 0]
     assert counts.tolist() == want and invalid == 0
+
+
+# -- numeric batch fast path: chunked threshold counts against per-value oracles ----------------
+
+def _searchsorted_oracle(binner: NumericBinner, values) -> tuple[list[int], int]:
+    """The batch path as it was before chunked counting: a bin index per value."""
+    x = np.asarray(values).astype(np.float64, copy=False).reshape(-1)
+    edges = np.asarray(binner.edges, dtype=np.float64)
+    idx = np.searchsorted(edges, x, side="right")
+    idx[x == edges[-1]] = len(edges) - 1
+    bad = ~np.isfinite(x)
+    idx[bad] = binner.missing
+    return np.bincount(idx, minlength=binner.length).tolist(), int(np.isinf(x).sum())
+
+
+def _binner(edges) -> NumericBinner:
+    return NumericBinner(FeatureSpec("x", NUMERIC, edges=tuple(edges)))
+
+
+@contextlib.contextmanager
+def _path(method: str, chunk: int):
+    """Force the comparison or the sort path of `NumericBinner._tally`, with small chunks."""
+    with mock.patch.object(binning, "_CMP_MAX_EDGES", 0 if method == "sort" else 10**6), \
+            mock.patch.object(binning, "_CMP_CHUNK", chunk), \
+            mock.patch.object(binning, "_SORT_CHUNK", chunk):
+        yield
+
+
+_edge_values = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),  # huge magnitudes, subnormals, -0.0
+    st.floats(-100, 100, allow_nan=False),
+    st.integers(-1000, 1000).map(float),
+    st.sampled_from([-(2.0**63), 2.0**53, 2.0**53 + 2, 2.0**63, 2.0**64, -_FMAX, _FMAX]),
+)
+_edge_sets = (st.lists(_edge_values, min_size=2, max_size=60)
+              .map(lambda es: sorted(set(es))).filter(lambda es: 2 <= len(es) <= 50))
+
+
+@st.composite
+def _batches(draw):
+    """Edges, a chunk size and an array whose length sits around a chunk boundary, its values
+    hitting the edges exactly, next to them, NaN, the infinities, ints past 2**53."""
+    edges = draw(_edge_sets)
+    chunk = draw(st.integers(1, 9))
+    n = draw(st.sampled_from([0, 1, chunk - 1, chunk, chunk + 1, 3 * chunk, 3 * chunk + 1,
+                              5 * chunk - 1]))
+    dtype = draw(st.sampled_from([np.float64, np.float32, np.int64, np.uint64]))
+    near = [*edges, *(math.nextafter(e, math.inf) for e in edges),
+            *(math.nextafter(e, -math.inf) for e in edges)]
+    if dtype in (np.float64, np.float32):
+        value = st.one_of(st.sampled_from([*near, math.nan, math.inf, -math.inf, -0.0]),
+                          st.floats(), st.floats(-2 * abs(edges[0]) - 1, 2 * abs(edges[-1]) + 1))
+        with np.errstate(over="ignore"):  # float32 overflows to inf: an invalid value
+            values = np.array(draw(st.lists(value, min_size=n, max_size=n)),
+                              dtype=np.float64).astype(dtype)
+    else:
+        info = np.iinfo(dtype)
+        ints = [int(e) for e in near if info.min <= e <= info.max]
+        ints += [i + d for i in ints for d in (-1, 1) if info.min <= i + d <= info.max]
+        value = st.one_of(st.integers(info.min, info.max), st.integers(-5, 5).filter(
+            lambda i: i >= info.min), *([st.sampled_from(ints)] if ints else []))
+        values = np.array(draw(st.lists(value, min_size=n, max_size=n)), dtype=dtype)
+    return edges, chunk, values
+
+
+@settings(max_examples=400, deadline=None)
+@given(_batches(), st.sampled_from(["compare", "sort"]))
+def test_numeric_counts_equal_per_value_binning(batch, method):
+    edges, chunk, values = batch
+    binner = _binner(edges)
+    want, want_invalid = _by_index(binner, values)  # numpy scalars: index() takes float(v)
+    with _path(method, chunk), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning from the inf/NaN check
+        counts, invalid = binner.counts(values)
+    assert counts.dtype == np.int64
+    assert counts.tolist() == want.tolist() == _searchsorted_oracle(binner, values)[0]
+    assert invalid == want_invalid == _searchsorted_oracle(binner, values)[1]
+
+
+@pytest.mark.parametrize("method", ["compare", "sort"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.int64, np.uint8])
+def test_numeric_counts_at_real_chunk_sizes(method, dtype):
+    rng = np.random.default_rng(7)
+    edges = np.unique(np.round(rng.normal(0, 3, 21), 1))
+    binner = _binner(edges)
+    chunk = binning._CMP_CHUNK if method == "compare" else binning._SORT_CHUNK
+    force = mock.patch.object(binning, "_CMP_MAX_EDGES", 0 if method == "sort" else 10**6)
+    for n in (chunk - 1, chunk, chunk + 1, 3 * chunk + 5):
+        x = rng.normal(0, 4, n)
+        x[rng.integers(0, n, 20)] = rng.choice(edges, 20)  # exactly on edges
+        if dtype in (np.float64, np.float32):
+            x[rng.integers(0, n, 5)] = np.nan
+            x[rng.integers(0, n, 3)] = np.inf
+            x[-2:] = [-np.inf, np.nan]  # in the last, partial chunk
+        values = x.astype(dtype)
+        with force:
+            counts, invalid = binner.counts(values)
+        want, want_invalid = _searchsorted_oracle(binner, values)
+        assert counts.tolist() == want and invalid == want_invalid
+        assert counts.sum() == n
+
+
+@pytest.mark.parametrize("method", ["compare", "sort"])
+def test_numeric_counts_huge_finite_values(method):
+    # Their sum overflows, which only sends the chunk to the exact inf/NaN count.
+    binner = _binner([-1e308, 0.0, 1e308])
+    x = np.array([1.7e308, 1e308, -1.7e308, 5e307, 1e308, np.nextafter(1e308, np.inf)] * 3)
+    with _path(method, 4), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        counts, invalid = binner.counts(x)
+    assert counts.tolist() == _searchsorted_oracle(binner, x)[0] == [3, 0, 9, 6, 0]
+    assert invalid == 0
+
+
+@pytest.mark.parametrize("method", ["compare", "sort"])
+def test_numeric_counts_shapes_on_both_paths(method):
+    binner = NumericBinner(NUM)
+    grid = np.array([[-2.0, -1.0, 0.0], [0.5, 2.0, np.inf], [np.nan, 3.0, -0.0]])
+    with _path(method, 2):
+        for values in (grid, grid.T, grid[:, ::2], np.asfortranarray(grid), grid[1, 1],
+                       np.float32(2.0), np.array(7, np.int64), np.array([], np.int64),
+                       np.zeros((0, 3))):
+            counts, invalid = binner.counts(values)
+            want, want_invalid = _searchsorted_oracle(binner, values)
+            assert counts.tolist() == want and invalid == want_invalid
+
+
+def test_numeric_counts_ints_past_2_53_as_float64():
+    # Ints are compared as float64, as before: 2**53 + 1 rounds to the edge 2**53.
+    binner = _binner([0.0, 2.0**53, 2.0**64])
+    x = np.array([2**53 - 1, 2**53, 2**53 + 1, 2**53 + 3, 2**63 - 1], np.int64)
+    assert binner.counts(x)[0].tolist() == [0, 1, 4, 0, 0]
+    u = np.array([2**64 - 1, 2**63, 1], np.uint64)  # 2**64 - 1 rounds to the last edge
+    assert binner.counts(u)[0].tolist() == [0, 1, 2, 0, 0]
+    assert binner.counts(u)[0].tolist() == _searchsorted_oracle(binner, u)[0]
