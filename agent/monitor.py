@@ -37,6 +37,15 @@ import numpy as np
 
 from agent.errors import ConfigError, SpecError
 from agent.noise import RandomSource, SecureRandom
+from agent.pbwire import (
+    WireError,
+    decode_spec,
+    encode_envelope,
+    encode_get_spec_request,
+    encode_report,
+    envelope_report,
+    report_with_seq,
+)
 from agent.privacy import (
     PrivacyAccountant,
     Release,
@@ -50,8 +59,7 @@ from agent.summary import Summary
 from agent.transport import TlsCredentials, make_channel
 from agent.upload import Backoff, DeliveryResult, Uploader
 from agent.window import CacheEntry, LabelBinner, WindowAccumulator, window_start
-from agent.wire import ReportMeta, report_to_proto, spec_from_proto
-from protos import fleetwatch_pb2 as pb
+from agent.wire import ReportMeta, spec_from_proto
 
 if TYPE_CHECKING:  # cryptography is imported when a signing key is given (see __init__)
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -239,9 +247,7 @@ class Monitor:
                                                 backoff_base_s=backoff_base_s,
                                                 backoff_cap_s=backoff_cap_s)
         self._rpc_timeout_s = rpc_timeout_s
-        self._get_spec = self._channel.unary_unary(
-            GET_SPEC_METHOD, request_serializer=pb.GetSpecRequest.SerializeToString,
-            response_deserializer=pb.Spec.FromString)
+        self._get_spec: Callable[..., Any] | None = None  # made when first needed
         spool_path = pathlib.Path(spool_dir) if spool_dir else _default_spool_dir(device_id)
         self.spool = Spool(spool_path / "spool.sqlite", max_reports=max_spool_reports,
                            max_bytes=max_spool_bytes)
@@ -327,15 +333,19 @@ class Monitor:
 
     def _load_spec(self, initial: bool = False) -> bool:
         """Fetch the spec from the aggregator, falling back to the spool's cached copy."""
+        if self._get_spec is None:
+            # Bytes both ways, parsed by agent.pbwire: no protobuf runtime on a device
+            # (docs/performance.md, "Footprint").
+            self._get_spec = self._channel.unary_unary(
+                GET_SPEC_METHOD, request_serializer=None, response_deserializer=None)
         try:
-            msg = self._get_spec(pb.GetSpecRequest(model=self.model,
-                                                   model_version=self.model_version),
+            raw = self._get_spec(encode_get_spec_request(self.model, self.model_version),
                                  timeout=min(self._rpc_timeout_s, 5.0))
-            spec = spec_from_proto(msg)
+            spec = spec_from_proto(decode_spec(raw))
             with self._lock:
                 self._set_spec(spec)
             return True
-        except (grpc.RpcError, SpecError) as e:
+        except (grpc.RpcError, SpecError, WireError) as e:
             reason = e.details() if isinstance(e, grpc.RpcError) else str(e)
         if initial:
             cached = self.spool.cached_spec(self.model, self.model_version)
@@ -649,10 +659,12 @@ class Monitor:
                     epsilon_spent=release.epsilon if release else 0.0,
                     day_epsilon_spent=release.day_epsilon if release else 0.0,
                     heartbeat=heartbeat)
-                report = report_to_proto(meta, summary).SerializeToString()
+                # Hand-encoded, the bytes protobuf would write (agent.pbwire): no protobuf
+                # runtime on the send path.
+                report = encode_report(meta, summary)
                 if self._signer is not None:
                     return self._signer.envelope(report)
-                return pb.ReportEnvelope(report=report).SerializeToString()
+                return encode_envelope(report)
 
             self.spool.enqueue(start, build)
             if heartbeat:
@@ -661,13 +673,13 @@ class Monitor:
                 self._windows_closed += 1
 
     def _renumbered(self, payload: bytes, seq: int) -> bytes:
-        """A spooled envelope with its report's seq replaced (signed again when signing)."""
-        report = pb.WindowReport.FromString(pb.ReportEnvelope.FromString(payload).report)
-        report.seq = seq
-        data = report.SerializeToString()
+        """A spooled envelope with its report's seq replaced (signed again when signing).
+
+        Replaced at the wire level (agent.pbwire): every other field keeps its bytes."""
+        data = report_with_seq(envelope_report(payload), seq)
         if self._signer is not None:
             return self._signer.envelope(data)
-        return pb.ReportEnvelope(report=data).SerializeToString()
+        return encode_envelope(data)
 
     def _release(self, acc: WindowAccumulator, summary: Summary) -> Release | None:
         """Clamp, ask the accountant, and noise the private histograms (None: no noise)."""

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.errors import ConfigError
 from agent.keyfiles import read_credential_file
-from protos import fleetwatch_pb2 as pb
+from agent.pbwire import encode_envelope
 
 __all__ = ["SIGN_KEY_SUFFIX", "ReportSigner"]
 
@@ -81,8 +81,8 @@ class ReportSigner:
 
     def envelope(self, report_bytes: bytes) -> bytes:
         """A serialized ReportEnvelope carrying the bytes, their signature and the key id."""
-        return pb.ReportEnvelope(report=report_bytes, signature=self.sign(report_bytes),
-                                 key_id=self.key_id).SerializeToString()
+        # Hand-encoded (agent.pbwire): the agent's send path does without protobuf.
+        return encode_envelope(report_bytes, self.sign(report_bytes), self.key_id)
 
     def __repr__(self) -> str:  # never show key material
         return f"ReportSigner(key_id={self.key_id!r})"

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from agent.pbwire import DUPLICATE, STALE_SEQ, WireError, decode_report_response
 from agent.spool import Spool
-from protos import fleetwatch_pb2 as pb
 
 __all__ = ["LABEL_LIMIT_REFUSAL", "REPORT_METHOD", "Backoff", "DeliveryResult", "Uploader"]
 
@@ -80,11 +80,10 @@ class Uploader:
         self.spool = spool
         self.rebuild = rebuild
         self.rpc_timeout_s = rpc_timeout_s
-        self._send = channel.unary_unary(
-            REPORT_METHOD,
-            request_serializer=lambda b: b,  # the spool holds serialized envelopes
-            response_deserializer=pb.ReportResponse.FromString,
-        )
+        # Bytes both ways: the spool holds serialized envelopes, and the answer is parsed by
+        # agent.pbwire (no protobuf runtime on a device: docs/performance.md, "Footprint").
+        self._send = channel.unary_unary(REPORT_METHOD, request_serializer=None,
+                                         response_deserializer=None)
         self.sent = 0
         self.duplicates = 0
         self.refused = 0
@@ -108,7 +107,7 @@ class Uploader:
                         return DeliveryResult.DEADLINE
                     timeout = min(timeout, left)
                 try:
-                    resp = self._send(item.payload, timeout=timeout)
+                    raw = self._send(item.payload, timeout=timeout)
                 except grpc.RpcError as e:
                     code = e.code() if hasattr(e, "code") else None
                     detail = e.details() if hasattr(e, "details") else str(e)
@@ -126,14 +125,22 @@ class Uploader:
                         skipped.add(item.seq)  # not head-of-line: the rest may go through
                         continue
                     return DeliveryResult.RETRY_LATER
-                if (resp.status == pb.ReportResponse.STALE_SEQ and self.rebuild is not None
+                try:
+                    resp = decode_report_response(raw)
+                except WireError as e:
+                    # What grpc's deserializer failing did before (INTERNAL): retried later.
+                    self.last_error = f"undecodable ReportResponse: {e}"
+                    logger.warning("delivery of seq=%d: %s; will retry", item.seq,
+                                   self.last_error)
+                    return DeliveryResult.RETRY_LATER
+                if (resp.status == STALE_SEQ and self.rebuild is not None
                         and resp.high_water_mark >= item.seq):
                     # Our seqs restarted below our earlier life's (a lost spool): nothing of
                     # this report was merged. Renumber everything pending and start over.
                     self.renumbered += self.spool.renumber_above(resp.high_water_mark,
                                                                  self.rebuild)
                     break
-                if resp.status == pb.ReportResponse.DUPLICATE:
+                if resp.status == DUPLICATE:
                     self.duplicates += 1
                 else:
                     self.sent += 1

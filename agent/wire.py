@@ -1,10 +1,15 @@
 """Conversion between domain types and protobuf messages. Only this module touches `*_pb2`
-on the agent side; the aggregator reuses it so each conversion exists once."""
+on the agent side; the aggregator reuses it so each conversion exists once.
+
+`protos.fleetwatch_pb2` (and with it the protobuf runtime, ~2 MB of RSS) is imported only
+when one of these functions runs: the agent's send path encodes with `agent.pbwire` instead,
+so a device given its spec never loads protobuf (docs/performance.md, "Footprint")."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from datasketches import kll_floats_sketch
@@ -27,7 +32,9 @@ from agent.spec import (
     Spec,
 )
 from agent.summary import LABEL_HISTOGRAMS, Summary, empty_kll
-from protos import fleetwatch_pb2 as pb
+
+if TYPE_CHECKING:
+    from protos import fleetwatch_pb2 as pb
 
 _deserialize_kll = kll_floats_sketch.deserialize
 
@@ -41,16 +48,15 @@ __all__ = [
     "summary_to_proto",
 ]
 
-_TYPE_TO_PB = {NUMERIC: pb.FEATURE_TYPE_NUMERIC, CATEGORICAL: pb.FEATURE_TYPE_CATEGORICAL}
+# The enums' numbers in protos/fleetwatch.proto (wire constants: written out so that this
+# module loads without protobuf; tests/agent/test_pbwire.py checks them against fleetwatch_pb2).
+_TYPE_TO_PB = {NUMERIC: 1, CATEGORICAL: 2}                              # FeatureType
 _TYPE_FROM_PB = {v: k for k, v in _TYPE_TO_PB.items()}
-_UNIT_TO_PB = {EVENT: pb.PRIVACY_UNIT_EVENT, DEVICE_DAY: pb.PRIVACY_UNIT_DEVICE_DAY}
+_UNIT_TO_PB = {EVENT: 1, DEVICE_DAY: 2}                                 # PrivacyUnit
 _UNIT_FROM_PB = {v: k for k, v in _UNIT_TO_PB.items()}
-_MECH_TO_PB = {DISCRETE_LAPLACE: pb.NOISE_MECHANISM_DISCRETE_LAPLACE,
-               DISCRETE_GAUSSIAN: pb.NOISE_MECHANISM_DISCRETE_GAUSSIAN,
-               NO_NOISE: pb.NOISE_MECHANISM_NONE}
+_MECH_TO_PB = {DISCRETE_LAPLACE: 1, DISCRETE_GAUSSIAN: 2, NO_NOISE: 3}  # NoiseMechanism
 _MECH_FROM_PB = {v: k for k, v in _MECH_TO_PB.items()}
-_TASK_TO_PB = {BINARY: pb.LABEL_TASK_BINARY, MULTICLASS: pb.LABEL_TASK_MULTICLASS,
-               REGRESSION: pb.LABEL_TASK_REGRESSION}
+_TASK_TO_PB = {BINARY: 1, MULTICLASS: 2, REGRESSION: 3}                 # LabelTask
 _TASK_FROM_PB = {v: k for k, v in _TASK_TO_PB.items()}
 # Counters a WindowReport and a Summary both carry, under the same names.
 _SHARED_COUNTERS = ("event_count", "error_count", "late_event_count", "invalid_value_count",
@@ -83,6 +89,8 @@ class ReportMeta:
 # -- spec ----------------------------------------------------------------------------------------
 
 def _feature_to_proto(f: FeatureSpec) -> pb.FeatureSpec:
+    from protos import fleetwatch_pb2 as pb
+
     return pb.FeatureSpec(name=f.name, type=_TYPE_TO_PB[f.type], edges=f.edges,
                           vocabulary=f.vocabulary, reference_counts=f.reference_counts)
 
@@ -95,6 +103,8 @@ def _feature_from_proto(m: pb.FeatureSpec) -> FeatureSpec:
 
 
 def _privacy_to_proto(p: PrivacySpec) -> pb.PrivacySpec:
+    from protos import fleetwatch_pb2 as pb
+
     return pb.PrivacySpec(unit=_UNIT_TO_PB[p.unit], mechanism=_MECH_TO_PB[p.mechanism],
                           epsilon_per_window=p.epsilon_per_window, delta=p.delta,
                           daily_epsilon_budget=p.daily_epsilon_budget,
@@ -113,6 +123,8 @@ def _privacy_from_proto(m: pb.PrivacySpec) -> PrivacySpec:
 
 
 def _labels_to_proto(ls: LabelSpec) -> pb.LabelSpec:
+    from protos import fleetwatch_pb2 as pb
+
     return pb.LabelSpec(task=_TASK_TO_PB[ls.task], classes=ls.classes, threshold=ls.threshold,
                         calibration_edges=ls.calibration_edges,
                         residual_edges=ls.residual_edges, latency_edges=ls.latency_edges)
@@ -128,6 +140,8 @@ def _labels_from_proto(m: pb.LabelSpec) -> LabelSpec:
 
 
 def spec_to_proto(spec: Spec) -> pb.Spec:
+    from protos import fleetwatch_pb2 as pb
+
     msg = pb.Spec(
         model=spec.model,
         model_version=spec.model_version,
@@ -204,6 +218,8 @@ def _read_summary(msg: pb.WindowReport | pb.Summary, report_count: int,
 
 
 def summary_to_proto(s: Summary) -> pb.Summary:
+    from protos import fleetwatch_pb2 as pb
+
     msg = pb.Summary(report_count=s.report_count, noise_variance_per_bin=s.noise_variance_per_bin,
                      withheld_report_count=s.withheld_report_count,
                      histogram_event_count=s.histogram_event_count,
@@ -229,6 +245,8 @@ def summary_from_proto(msg: pb.Summary,
 # -- reports -------------------------------------------------------------------------------------
 
 def report_to_proto(meta: ReportMeta, summary: Summary) -> pb.WindowReport:
+    from protos import fleetwatch_pb2 as pb
+
     msg = pb.WindowReport(
         device_id=meta.device_id,
         model=meta.model,

@@ -11,11 +11,14 @@ Sub-benchmarks (`--only`, comma-separated):
 - ``agent-batch``: `Monitor.observe_batch` of 1e6 events x 12 numeric features against bare
   numpy binning (`np.bincount(np.searchsorted(edges, x), minlength=...)`) of the same arrays
   into the same edges; with ``--peer whylogs PYTHON`` also whylogs profiling the same rows in
-  its own interpreter (whylogs needs numpy < 2, hence a separate virtualenv).
+  its own interpreter (whylogs needs numpy < 2, hence a separate virtualenv). The agent does
+  not index each value: it counts the values below each edge over cache-sized chunks (see
+  `agent.binning.NumericBinner._tally`), hence a ratio above 1 against this baseline.
 - ``agent-event``: `Monitor.observe` with 12 features, per call, against a bare-Python loop
   doing only the 12 `bisect` lookups of the same events.
 - ``footprint``: RSS and start time of a process running an agent (a 50-feature spec, the
   background thread, a few events) against a bare ``import grpc, numpy, datasketches`` one.
+  agent/ and protos/ are byte-compiled first (as an installed wheel is).
 - ``report-size``: the serialized envelope of one window (12 features, 1 k events, DP noise
   on) against the whylogs profile of the same events (with the peer).
 - ``ingest``: reports/s from many concurrent simulated devices into a running aggregator with
@@ -357,8 +360,23 @@ def process_footprint(code: str, args: Sequence[str], repeats: int) -> tuple[flo
     return statistics.median(rss), min(starts)
 
 
+def compile_agent_bytecode() -> None:
+    """Write the .pyc of agent/ and protos/ into their in-tree __pycache__ (gitignored).
+
+    An installed wheel ships bytecode, and so do the baseline's grpc/numpy in site-packages;
+    the editable checkout does not, and with PYTHONDONTWRITEBYTECODE=1 every child would
+    compile the agent from source (~0.3 MB more RSS at the end of the agent's process, more
+    while importing). Python reads .pyc even with that variable set; it only stops writing."""
+    import compileall
+
+    for package in ("agent", "protos"):
+        if not compileall.compile_dir(ROOT / package, quiet=1):
+            raise RuntimeError(f"compileall failed for {package}/")
+
+
 def bench_footprint(sizes: Sizes, workdir: pathlib.Path, peer: dict[str, Any] | None,
                     state: dict[str, Any]) -> list[Figure]:
+    compile_agent_bytecode()  # measured as a device runs it: from bytecode, like the baseline
     spec_path = workdir / "spec50.json"
     numeric_spec(50, noise=True).save(spec_path)
     repeats = max(3, sizes.repeats)
@@ -367,8 +385,8 @@ def bench_footprint(sizes: Sizes, workdir: pathlib.Path, peer: dict[str, Any] | 
     bare_rss, bare_start = process_footprint(_BARE_PROCESS, [], repeats)
     mb = 1 << 20
     return [Figure("agent-rss", agent_rss / mb, "MB", bare_rss / mb, "ratio <= 1.2",
-                   "agent (50 features, a window closed and shipped) vs import grpc, numpy, "
-                   "datasketches"),
+                   "agent from .pyc (50 features, a window closed and shipped) vs import grpc, "
+                   "numpy, datasketches"),
             Figure("agent-start", agent_start, "s", bare_start, "",
                    "spawn to 100 events observed vs spawn to the bare imports done")]
 
@@ -434,11 +452,12 @@ def serve_echo(port: int, tls_dir: str, workers: int, response_size: int) -> Non
 
 
 def run_echo(security: Any, device_ids: list[str], payload: bytes, response_size: int,
-             duration_s: float, workers: int) -> float:
-    """Calls/s of the devices' loop (one call after the other's answer) against the echo."""
+             duration_s: float, workers: int) -> tuple[float, float, float]:
+    """Calls/s of the devices' loop (one call after the other's answer) against the echo, and
+    the CPU ms per call of the echo server and of the clients."""
     import grpc
 
-    from scripts.load_test import free_port
+    from scripts.load_test import cpu_seconds, free_port, own_cpu_seconds
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(pathlib.Path(__file__)), "--serve-echo",
@@ -463,13 +482,17 @@ def run_echo(security: Any, device_ids: list[str], payload: bytes, response_size
                     counts[i] += 1
 
             t0 = time.monotonic()
+            cpu0 = cpu_seconds(proc.pid), own_cpu_seconds()
             threads = [threading.Thread(target=device, args=(i,), daemon=True)
                        for i in range(len(channels))]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
-            return sum(counts) / (time.monotonic() - t0)
+            calls, elapsed = sum(counts), time.monotonic() - t0
+            server_ms = (cpu_seconds(proc.pid) - cpu0[0]) * 1000 / max(1, calls)
+            client_ms = (own_cpu_seconds() - cpu0[1]) * 1000 / max(1, calls)
+            return calls / elapsed, server_ms, client_ms
         finally:
             for c in channels:
                 c.close()
@@ -502,11 +525,16 @@ def bench_ingest(sizes: Sizes, workdir: pathlib.Path, peer: dict[str, Any] | Non
     report.device_id, report.seq = device_ids[0], 1
     payload = security.envelope(device_ids[0])(report.SerializeToString())
     response_size = len(pb.ReportResponse(status=pb.ReportResponse.ACCEPTED).SerializeToString())
-    echo_rate = run_echo(security, device_ids, payload, response_size,
-                         sizes.ingest_duration_s, workers)
+    echo_rate, echo_server_ms, echo_client_ms = run_echo(
+        security, device_ids, payload, response_size, sizes.ingest_duration_s, workers)
+    say(f"ingest: CPU ms per call: aggregator {result['server_cpu_ms_per_report']}, its "
+        f"clients {result['client_cpu_ms_per_report']}; echo server {echo_server_ms:.3f}, "
+        f"its clients {echo_client_ms:.3f}")
     state["ingest"] = {**{k: v for k, v in result.items() if k != "rss_samples_mb"},
                        "echo_per_s": echo_rate, "envelope_bytes": len(payload),
-                       "report_bytes": payload_len}
+                       "report_bytes": payload_len,
+                       "echo_server_cpu_ms_per_call": round(echo_server_ms, 3),
+                       "echo_client_cpu_ms_per_call": round(echo_client_ms, 3)}
     return [Figure("ingest", result["reports_per_s"], "reports/s", echo_rate, "ratio >= 0.5",
                    f"{len(device_ids)} devices, mTLS + signed + durable commits vs a bare "
                    f"echo of {len(payload)} B, same TLS")]

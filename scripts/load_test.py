@@ -167,6 +167,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far, from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    # utime and stime are the 14th and 15th fields; the two after ")" start at the 3rd
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of a process, from /proc (Linux)."""
     with open(f"/proc/{pid}/status") as f:
@@ -396,6 +409,7 @@ def _run(duration_s: float, devices: int, security: Security, workers: int,
                                                      security.envelope(d), first_window),
                                      per_device) for i, d in enumerate(device_ids)]
                 rss_start = rss_bytes(proc.pid)
+                cpu_start = [cpu_seconds(p.pid) for p in procs], own_cpu_seconds()
                 sampler = RssSampler(proc.pid)
                 sampler.start()
                 results = [DeviceResult() for _ in device_ids]
@@ -413,6 +427,9 @@ def _run(duration_s: float, devices: int, security: Security, workers: int,
                 for t in threads:
                     t.join()
                 elapsed = time.monotonic() - t0
+                server_cpu_s = sum(cpu_seconds(p.pid) - c
+                                   for p, c in zip(procs, cpu_start[0], strict=True))
+                client_cpu_s = own_cpu_seconds() - cpu_start[1]
                 sampler.stop()
                 rss_end = rss_bytes(proc.pid)
             finally:
@@ -449,6 +466,9 @@ def _run(duration_s: float, devices: int, security: Security, workers: int,
         "duplicates": sum(r.duplicates for r in results),
         "errors": sum(errors.values()),
         "errors_by_code": dict(errors),
+        # CPU per report: what contention on a shared machine moves least (docs/performance.md)
+        "server_cpu_ms_per_report": round(server_cpu_s * 1000 / acked, 3) if acked else None,
+        "client_cpu_ms_per_report": round(client_cpu_s * 1000 / acked, 3) if acked else None,
         "latency_p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 3)
         if latencies.size else None,
         "latency_p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 3)

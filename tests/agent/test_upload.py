@@ -98,13 +98,14 @@ class FakeChannel:
         assert method == REPORT_METHOD
 
         def call(payload, timeout):
-            self.sent.append(request_serializer(payload))
+            # None: bytes pass through, as grpc does without a (de)serializer
+            self.sent.append(request_serializer(payload) if request_serializer else payload)
             self.timeouts.append(timeout)
             outcome = self.outcomes.pop(0) if self.outcomes else pb.ReportResponse.ACCEPTED
             if isinstance(outcome, Exception):
                 raise outcome
             data = pb.ReportResponse(status=outcome).SerializeToString()
-            return response_deserializer(data)
+            return response_deserializer(data) if response_deserializer else data
 
         return call
 
