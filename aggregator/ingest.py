@@ -21,7 +21,10 @@ from google.protobuf.message import DecodeError
 
 from agent.errors import ConfigError, SketchError, ValidationError
 from agent.spec import Spec
+from agent.summary import Summary
 from agent.upload import LABEL_LIMIT_REFUSAL
+from agent.wire import ReportMeta
+from aggregator.batcher import Batcher
 from aggregator.keys import AGGREGATOR_KEY_PREFIX, DeviceKeys
 from aggregator.store.base import (
     Contribution,
@@ -38,6 +41,9 @@ __all__ = ["ForwardNotAllowed", "IdentityMismatch", "IngestRejected", "IngestSta
 
 logger = logging.getLogger(__name__)
 
+# Reports checked and stored per batch, at most (`aggregator.batcher`): the store's own
+# transaction limit, so that one batch is one transaction.
+MAX_BATCH = 256
 RECEIVED_HOURS = 25  # hourly byte counts kept: a trailing day plus the hour in progress
 
 
@@ -86,6 +92,30 @@ class ClockAhead(IngestRejected):
     with its clock the same report is accepted (nothing lost to a fast clock)."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Received:
+    """An envelope as the RPC handed it in, its signature checked (``signer``: the key id that
+    signed it, None when unsigned and allowed)."""
+
+    envelope: bytes
+    report: bytes
+    signer: str | None
+    peer_device_id: str | None
+    peer_aggregator_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """A report that passed authentication and validation, ready for the store."""
+
+    spec: Spec
+    meta: ReportMeta
+    envelope: bytes
+    summary: Summary
+    resolutions: tuple[int, ...]
+    contributions: list[Contribution] | None
+
+
 class Ingestor:
     """Validates and merges reports into a Store; counts what it accepts and refuses.
 
@@ -125,6 +155,7 @@ class Ingestor:
         # Bounded by label sets x hours; the counters since start are kept apart.
         self._bytes_total: collections.Counter[tuple[str, str]] = collections.Counter()
         self._bytes_hourly: dict[int, collections.Counter[tuple[str, str]]] = {}
+        self._batcher: Batcher[_Received, IngestOutcome] = Batcher(self._process, MAX_BATCH)
 
     def _spec(self, spec_hash: str) -> Spec | None:
         spec = self._specs.get(spec_hash)
@@ -154,11 +185,12 @@ class Ingestor:
             raise self._reject("unsigned", f"envelope.{missing}",
                                f"the envelope has no {missing}: this aggregator requires "
                                "signed reports (Monitor(signing_key=...))", Unauthenticated)
-        if not self.keys.known(key_id):
+        verified = self.keys.check(key_id, envelope.report, signature)
+        if verified is None:
             raise self._reject("unknown_device", "envelope.key_id",
                                f"no signing key for device {key_id[:64]!r} (issue one with "
                                "`fleetwatch certs issue-device`)", Unauthenticated)
-        if not self.keys.verify(key_id, envelope.report, signature):
+        if not verified:
             raise self._reject("bad_signature", "envelope.signature",
                                f"the signature does not verify with device {key_id!r}'s key",
                                Unauthenticated)
@@ -283,7 +315,11 @@ class Ingestor:
         reports. ``peer_aggregator_id``: the regional aggregator named by the sender's
         certificate; it may send only forwarded reports, as itself. Without TLS (both None,
         loopback only) forwarded reports are taken; with signatures required, a forwarded
-        report must be signed by the key of the aggregator it names."""
+        report must be signed by the key of the aggregator it names.
+
+        Concurrent calls are processed in batches by one caller at a time
+        (`aggregator.batcher`): each report is checked on its own (a bad one fails alone)
+        and the batch's good ones go to the store in one transaction."""
         try:
             envelope = pb.ReportEnvelope.FromString(envelope_bytes)
         except DecodeError as e:
@@ -291,9 +327,79 @@ class Ingestor:
                                ) from None
         if not envelope.report:
             raise self._reject("malformed", "envelope.report", "empty report")
-        signer = self._authenticate(envelope)  # before the report bytes are parsed
+        # Before the report bytes are parsed; and here, in the caller's thread, not in the
+        # batch: the signature check releases the GIL, so callers verify in parallel.
+        signer = self._authenticate(envelope)
+        return self._batcher.submit(_Received(envelope_bytes, envelope.report, signer,
+                                              peer_device_id, peer_aggregator_id))
+
+    def _process(self, batch: list[_Received]) -> list[IngestOutcome | BaseException]:
+        """One batch (the leader's call): check each report, store the good ones together,
+        count and announce what was accepted."""
+        results: list[IngestOutcome | BaseException | None] = [None] * len(batch)
+        ready: list[tuple[int, _Checked]] = []
+        for i, received in enumerate(batch):
+            try:
+                checked = self._check(received)
+            except Exception as e:
+                results[i] = e
+                continue
+            if self._adds_labels(checked.spec.model, checked.meta.labels):
+                # The rare path, one report at a time: a report that adds a label value
+                # is checked against the limits and stored under the labels lock.
+                try:
+                    results[i] = self._store_adding_labels(checked)
+                except Exception as e:
+                    results[i] = e
+                continue
+            ready.append((i, checked))
+        if ready:
+            stored = self.store.ingest_many([
+                (c.meta, c.envelope, c.summary, c.resolutions, c.contributions)
+                for _, c in ready])
+            for (i, checked), outcome in zip(ready, stored, strict=True):
+                results[i] = outcome
+                if not isinstance(outcome, BaseException):
+                    self._count(checked, outcome)
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def _store_adding_labels(self, c: _Checked) -> IngestOutcome:
+        with self._labels_lock:
+            self._check_cardinality(c.spec.model, c.meta.labels)
+            outcome = self.store.ingest(c.meta, c.envelope, c.summary, c.resolutions,
+                                        c.contributions)
+            if outcome is IngestOutcome.ACCEPTED:
+                self._remember_labels(c.spec.model, c.meta.labels)
+        self._count(c, outcome)
+        return outcome
+
+    def _count(self, c: _Checked, outcome: IngestOutcome) -> None:
+        """Count a stored report's outcome and tell `on_accepted` of an accepted one."""
+        meta = c.meta
+        with self._lock:
+            if outcome is IngestOutcome.DUPLICATE:
+                self.duplicates += 1
+            elif outcome in (IngestOutcome.REPLAYED, IngestOutcome.SEQ_REUSED):
+                # Never merged, answered STALE_SEQ (an honest device renumbers): counted with
+                # the refusals.
+                self.rejected[outcome.value] += 1
+            else:
+                self.accepted += 1
+                self._count_bytes((meta.spec_hash, canonical_labels(meta.labels)),
+                                  len(c.envelope))
+        if outcome is IngestOutcome.ACCEPTED and self.on_accepted is not None:
+            try:
+                self.on_accepted(meta.spec_hash, meta.window_start_unix_s, meta.device_id)
+            except Exception:  # the report is stored: a hook's bug must not fail the RPC
+                logger.exception("on_accepted hook failed")
+
+    def _check(self, received: _Received) -> _Checked:
+        """Parse and validate one authenticated envelope's report (raises IngestRejected)."""
+        envelope_bytes, signer = received.envelope, received.signer
+        peer_device_id, peer_aggregator_id = received.peer_device_id, received.peer_aggregator_id
         try:
-            report = pb.WindowReport.FromString(envelope.report)
+            report = pb.WindowReport.FromString(received.report)
         except DecodeError as e:
             raise self._reject("malformed", "envelope.report", f"not a valid WindowReport: "
                                f"{e}") from None
@@ -332,31 +438,5 @@ class Ingestor:
             raise self._reject("bad_sketch", e.field, e.message) from None
         except ValidationError as e:
             raise self._reject("invalid", e.field, e.message) from None
-        resolutions = rollup_resolutions(spec.window_length_s)
-        if not self._adds_labels(spec.model, meta.labels):
-            outcome = self.store.ingest(meta, envelope_bytes, summary, resolutions,
-                                        contributions)
-        else:
-            with self._labels_lock:
-                self._check_cardinality(spec.model, meta.labels)
-                outcome = self.store.ingest(meta, envelope_bytes, summary, resolutions,
-                                            contributions)
-                if outcome is IngestOutcome.ACCEPTED:
-                    self._remember_labels(spec.model, meta.labels)
-        with self._lock:
-            if outcome is IngestOutcome.DUPLICATE:
-                self.duplicates += 1
-            elif outcome in (IngestOutcome.REPLAYED, IngestOutcome.SEQ_REUSED):
-                # Never merged, answered STALE_SEQ (an honest device renumbers): counted with
-                # the refusals.
-                self.rejected[outcome.value] += 1
-            else:
-                self.accepted += 1
-                self._count_bytes((meta.spec_hash, canonical_labels(meta.labels)),
-                                  len(envelope_bytes))
-        if outcome is IngestOutcome.ACCEPTED and self.on_accepted is not None:
-            try:
-                self.on_accepted(meta.spec_hash, meta.window_start_unix_s, meta.device_id)
-            except Exception:  # the report is stored: a hook's bug must not fail the RPC
-                logger.exception("on_accepted hook failed")
-        return outcome
+        return _Checked(spec, meta, envelope_bytes, summary,
+                        rollup_resolutions(spec.window_length_s), contributions)

@@ -49,8 +49,11 @@ MAX_MISSES = 100_000
 
 @dataclass(frozen=True)
 class _Loaded:
-    """A key file as last read: its (mtime_ns, size), and the key (None: unusable file)."""
+    """A key file as last read: its path, its (mtime_ns, size), and the key (None: unusable
+    file). The path is kept as a string: building and checking it again for every report
+    cost more than the stat itself."""
 
+    path: str
     stamp: tuple[int, int]
     key: Ed25519PublicKey | None
 
@@ -84,15 +87,20 @@ class DeviceKeys:
 
     def public_key(self, key_id: str) -> Ed25519PublicKey | None:
         """The device's key, or None when the id is invalid or has no usable key file."""
-        path = self.path(key_id)
-        if path is None:
-            return None
-        with self._lock:
-            missed_at = self._misses.get(key_id)
-            if missed_at is not None and self._clock() - missed_at < self._recheck_s:
+        loaded = self._loaded.get(key_id)
+        if loaded is not None:  # a known id: its (already checked) path, stat'ed again
+            path: str | pathlib.Path = loaded.path
+        else:
+            checked = self.path(key_id)
+            if checked is None:
                 return None
+            path = checked
+            with self._lock:
+                missed_at = self._misses.get(key_id)
+                if missed_at is not None and self._clock() - missed_at < self._recheck_s:
+                    return None
         try:
-            st = path.stat()
+            st = os.stat(path)
         except OSError:
             with self._lock:
                 if self._loaded.pop(key_id, None) is not None:
@@ -106,7 +114,7 @@ class DeviceKeys:
             loaded = self._loaded.get(key_id)
             if loaded is not None and loaded.stamp == stamp:
                 return loaded.key
-        loaded = _Loaded(stamp, self._read(key_id, path, st.st_size))
+        loaded = _Loaded(str(path), stamp, self._read(key_id, pathlib.Path(path), st.st_size))
         with self._lock:
             self._loaded[key_id] = loaded
         return loaded.key
@@ -119,8 +127,16 @@ class DeviceKeys:
 
         False for an unknown id, a malformed signature or a wrong one (never raises for them).
         """
+        return self.check(key_id, data, signature) is True
+
+    def check(self, key_id: str, data: bytes, signature: bytes) -> bool | None:
+        """As `verify`, in one key lookup, telling the cases apart: None when ``key_id`` has
+        no usable key, False when the signature is malformed or wrong, True when it verifies.
+        """
         key = self.public_key(key_id)
-        if key is None or len(signature) != ED25519_SIGNATURE_BYTES:
+        if key is None:
+            return None
+        if len(signature) != ED25519_SIGNATURE_BYTES:
             return False
         try:
             key.verify(signature, data)

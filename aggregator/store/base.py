@@ -12,7 +12,7 @@ from agent.summary import Summary
 from agent.wire import ReportMeta
 
 __all__ = ["ACTIVITY_RESOLUTIONS", "REORDER_WINDOW", "AlertRecord", "Contribution",
-           "IngestOutcome", "LabelSet", "PrivacyStats", "Store", "activity_cover",
+           "IngestItem", "IngestOutcome", "LabelSet", "PrivacyStats", "Store", "activity_cover",
            "canonical_labels", "parse_labels", "rollup_resolutions", "time_cover"]
 
 DAY_S = 86400
@@ -169,6 +169,10 @@ def activity_cover(start: int, end: int) -> tuple[list[tuple[int, int, int]],
     return whole, edges
 
 
+# What `Store.ingest_many` takes per report: ingest's arguments, in order.
+IngestItem = tuple[ReportMeta, bytes, Summary, tuple[int, ...], Sequence[Contribution] | None]
+
+
 class Store(Protocol):
     """What the aggregator needs from a database. Implementations are thread-safe."""
 
@@ -188,6 +192,13 @@ class Store(Protocol):
         `Contribution.of(meta)`) for device counts and privacy stats, and raise the
         high-water mark, all in one transaction (which may hold other callers' reports too),
         and return only once it is durably committed."""
+        ...
+
+    def ingest_many(self, items: Sequence[IngestItem]) -> list[IngestOutcome | BaseException]:
+        """`ingest` for several reports, ``(meta, envelope, summary, resolutions,
+        contributions)`` each, written in as few transactions as fit (one, up to the store's
+        batch limit); a report that fails fails alone: its entry is the exception, the others
+        are stored. Returns once every one is durably committed (or failed)."""
         ...
 
     def high_water_mark(self, device_id: str) -> int | None:

@@ -45,6 +45,7 @@ from aggregator.store.base import (
     REORDER_WINDOW,
     AlertRecord,
     Contribution,
+    IngestItem,
     IngestOutcome,
     LabelSet,
     PrivacyStats,
@@ -52,7 +53,7 @@ from aggregator.store.base import (
     canonical_labels,
     parse_labels,
 )
-from aggregator.store.group_commit import commit_in_group
+from aggregator.store.group_commit import commit_in_group, commit_many_in_group
 from aggregator.store.pool import READERS, ReaderPool
 from aggregator.store.rows import (
     alert_from_row,
@@ -482,6 +483,16 @@ class PostgresStore:
                          canonical_labels(dict(meta.labels)))
         return commit_in_group(job, self._queue, self._queue_lock, self._write_lock,
                                self._write_batch, MAX_BATCH)
+
+    def ingest_many(self, items: Sequence[IngestItem]) -> list[IngestOutcome | BaseException]:
+        """`ingest` for several reports at once: they share the group-commit transactions."""
+        jobs = [_IngestJob(meta, envelope, summary, tuple(resolutions),
+                           (Contribution.of(meta),) if contributions is None
+                           else tuple(contributions),
+                           canonical_labels(dict(meta.labels)))
+                for meta, envelope, summary, resolutions, contributions in items]
+        return commit_many_in_group(jobs, self._queue, self._queue_lock, self._write_lock,
+                                    self._write_batch, MAX_BATCH)
 
     def _write_batch(self, batch: list[_IngestJob]) -> None:
         """The batch in one transaction, retried whole on a deadlock, a serialization failure

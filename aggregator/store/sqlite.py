@@ -28,6 +28,7 @@ from aggregator.store.base import (
     REORDER_WINDOW,
     AlertRecord,
     Contribution,
+    IngestItem,
     IngestOutcome,
     LabelSet,
     PrivacyStats,
@@ -35,7 +36,7 @@ from aggregator.store.base import (
     canonical_labels,
     parse_labels,
 )
-from aggregator.store.group_commit import commit_in_group
+from aggregator.store.group_commit import commit_in_group, commit_many_in_group
 from aggregator.store.pool import READERS, ReaderPool
 from aggregator.store.rollup_cache import BatchRollups, ReadCache, WriteCache
 from aggregator.store.rows import (
@@ -421,6 +422,13 @@ class SqliteStore:
         job = _IngestJob(meta, envelope, summary, resolutions, contributions)
         return commit_in_group(job, self._queue, self._queue_lock, self._write_lock,
                                self._write_batch, MAX_BATCH)
+
+    def ingest_many(self, items: Sequence[IngestItem]) -> list[IngestOutcome | BaseException]:
+        """`ingest` for several reports at once: they share the group-commit transactions."""
+        jobs = [_IngestJob(meta, envelope, summary, resolutions, contributions)
+                for meta, envelope, summary, resolutions, contributions in items]
+        return commit_many_in_group(jobs, self._queue, self._queue_lock, self._write_lock,
+                                    self._write_batch, MAX_BATCH)
 
     def _write_batch(self, batch: list[_IngestJob], eager: bool = False) -> None:
         """One transaction for the batch; a report that fails rolls back its savepoint alone

@@ -181,3 +181,43 @@ def test_duplicates_with_new_labels_add_no_value(store: SqliteStore) -> None:
     assert ingestor.ingest(env(report(2, {"region": "apac"}))) is IngestOutcome.ACCEPTED
     stats = ingestor.stats()
     assert (stats.accepted, stats.duplicates, stats.rejected) == (2, 1, {"seq_reused": 1})
+
+
+def test_concurrent_reports_share_transactions_and_a_bad_one_fails_alone(
+        store: SqliteStore) -> None:
+    """Reports handed in together are checked one by one and stored in shared transactions
+    (aggregator.batcher): every good one is accepted exactly once, a refused one gets its
+    own error, and duplicates inside the crowd are answered DUPLICATE."""
+    ingestor = Ingestor(store)
+    ingestor.ingest(env(report(1, device="warm")))  # the model's label values are known
+    commits = store.ingest_commits
+    start = threading.Barrier(24)
+    outcomes: dict[tuple[int, int], object] = {}
+
+    def send(i: int) -> None:
+        start.wait()
+        for seq in range(1, 11):
+            bad = i == 5 and seq == 4  # more errors than events: refused, alone
+            msg = report(seq, device=f"dev{i}", error_count=99 if bad else 0)
+            try:
+                outcomes[(i, seq)] = ingestor.ingest(env(msg))
+                if seq == 7:  # a lost acknowledgement: the same report again
+                    outcomes[(i, -seq)] = ingestor.ingest(env(msg))
+            except IngestRejected as e:
+                outcomes[(i, seq)] = e.reason
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert outcomes.pop((5, 4)) == "invalid"
+    dups = {k: outcomes.pop(k) for k in list(outcomes) if k[1] < 0}
+    assert set(dups.values()) == {IngestOutcome.DUPLICATE} and len(dups) == 24
+    assert set(outcomes.values()) == {IngestOutcome.ACCEPTED} and len(outcomes) == 24 * 10 - 1
+    stats = ingestor.stats()
+    assert (stats.accepted, stats.duplicates, stats.rejected) == (24 * 10 - 1 + 1, 24,
+                                                                  {"invalid": 1})
+    assert store.ingest_commits - commits < 24 * 11 - 1, "no report shared a transaction"
+    rows = store._query("SELECT COUNT(*) FROM reports")[0][0]
+    assert rows == 24 * 10 - 1 + 1
