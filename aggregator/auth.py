@@ -24,7 +24,7 @@ import os
 import pathlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -54,11 +54,27 @@ def allowed(identity: Identity, method: str) -> bool:
     return False
 
 
+_NOT_YET = object()
+
+
+def _auth_context(context: grpc.ServicerContext) -> Mapping[str, Any]:
+    """``context.auth_context()``, asked once per call: it builds a new dict (the PEM
+    included) each time, and the interceptor and the handler both need it."""
+    cached = getattr(context, "_fleetwatch_auth", _NOT_YET)
+    if cached is _NOT_YET:
+        cached = context.auth_context() or {}
+        try:
+            context._fleetwatch_auth = cached  # type: ignore[attr-defined]
+        except AttributeError:  # a context type that takes no attributes: ask every time
+            pass
+    return cached  # type: ignore[return-value]
+
+
 def peer_identity(context: grpc.ServicerContext) -> Identity | None:
     """The one fleetwatch SPIFFE identity in the peer's certificate, or None (no TLS, no
     client certificate, no such SAN, or two different ones: ambiguous, so none)."""
     found: set[Identity] = set()
-    auth = context.auth_context() or {}
+    auth = _auth_context(context)
     for key in _SAN_KEYS:
         for raw in auth.get(key, ()):
             try:
@@ -72,7 +88,7 @@ def peer_identity(context: grpc.ServicerContext) -> Identity | None:
 
 
 def _peer_pem(context: grpc.ServicerContext) -> bytes | None:
-    pems = (context.auth_context() or {}).get("x509_pem_cert", ())
+    pems = _auth_context(context).get("x509_pem_cert", ())
     return bytes(pems[0]) if pems else None
 
 
