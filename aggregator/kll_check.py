@@ -104,14 +104,23 @@ _FULL_HEADER = struct.Struct("<QHBB")
 class _ItemKind:
     name: str
     dtype: np.dtype[Any]
+    one: struct.Struct  # one item, and min and max: struct beats numpy on so few bytes
+    two: struct.Struct
 
     @property
     def size(self) -> int:
         return self.dtype.itemsize
 
 
-_FLOATS = _ItemKind("kll_floats_sketch", np.dtype("<f4"))
-_DOUBLES = _ItemKind("kll_doubles_sketch", np.dtype("<f8"))
+_FLOATS = _ItemKind("kll_floats_sketch", np.dtype("<f4"), struct.Struct("<f"),
+                    struct.Struct("<2f"))
+_DOUBLES = _ItemKind("kll_doubles_sketch", np.dtype("<f8"), struct.Struct("<d"),
+                     struct.Struct("<2d"))
+
+
+@functools.lru_cache(maxsize=MAX_LEVELS)
+def _offsets_struct(num_levels: int) -> struct.Struct:
+    return struct.Struct(f"<{num_levels}I")
 
 
 def _int_cap_aux_aux(k: int, depth: int) -> int:
@@ -153,10 +162,11 @@ def _check_kll(data: bytes, kind: _ItemKind, max_n: int, max_bytes: int, field: 
     def fail(message: str) -> NoReturn:
         _fail(field, kind, message)
 
-    if isinstance(data, bytearray | memoryview):
-        data = bytes(data)
-    if not isinstance(data, bytes):
-        fail(f"expected bytes, got {type(data).__name__}")
+    if type(data) is not bytes:  # the common case skips two isinstance calls
+        if isinstance(data, bytearray | memoryview):
+            data = bytes(data)
+        if not isinstance(data, bytes):
+            fail(f"expected bytes, got {type(data).__name__}")
     size = len(data)
     if size == 0:
         fail("no bytes (an empty sketch still has an 8-byte header)")
@@ -193,7 +203,7 @@ def _check_kll(data: bytes, kind: _ItemKind, max_n: int, max_bytes: int, field: 
         if size != expected_size:
             fail(f"{size} bytes for the {form} form, expected exactly {expected_size}")
         if is_single:
-            item = float(np.frombuffer(data, dtype=kind.dtype, count=1, offset=HEADER_BYTES)[0])
+            (item,) = kind.one.unpack_from(data, HEADER_BYTES)
             if not math.isfinite(item):
                 fail(f"single item {item!r} is not finite")
         return
@@ -219,54 +229,69 @@ def _check_kll(data: bytes, kind: _ItemKind, max_n: int, max_bytes: int, field: 
         # merge() sizes its level arrays for 1 + floor(log2(n)) levels; more overflows the heap.
         fail(f"{num_levels} levels for n={n}; at most 1 + floor(log2(n)) = {n.bit_length()}")
 
+    item_size = kind.size
     items_at = FULL_HEADER_BYTES + 4 * num_levels
-    if size < items_at + 2 * kind.size:
-        fail(f"truncated: {size} bytes, shorter than the {items_at + 2 * kind.size} bytes of "
+    if size < items_at + 2 * item_size:
+        fail(f"truncated: {size} bytes, shorter than the {items_at + 2 * item_size} bytes of "
              f"header, {num_levels} level offsets, min and max")
     capacity = kll_capacity(k, num_levels)
-    offsets = np.frombuffer(data, dtype="<u4", count=num_levels, offset=FULL_HEADER_BYTES)
-    bounds = np.append(offsets.astype(np.int64), capacity)
-    populations = np.diff(bounds)
-    if (populations < 0).any():
-        h = int(np.flatnonzero(populations < 0)[0])
-        fail(f"level offsets {bounds.tolist()} decrease at level {h} "
+    # Plain Python on the few level offsets: numpy's per-call overhead is larger than the work.
+    bounds = [*_offsets_struct(num_levels).unpack_from(data, FULL_HEADER_BYTES), capacity]
+    populations = [bounds[h + 1] - bounds[h] for h in range(num_levels)]
+    if min(populations) < 0:
+        h = next(i for i, pop in enumerate(populations) if pop < 0)
+        fail(f"level offsets {bounds} decrease at level {h} "
              f"(capacity {capacity} for k={k} and {num_levels} levels)")
-    retained = capacity - int(bounds[0])
-    expected_size = items_at + (2 + retained) * kind.size
+    first = bounds[0]
+    retained = capacity - first
+    expected_size = items_at + (2 + retained) * item_size
     if size != expected_size:
         fail(f"{size} bytes, but {num_levels} levels holding {retained} items need exactly "
              f"{expected_size}")
-    weighted = sum(int(pop) << h for h, pop in enumerate(populations.tolist()))
+    weighted = sum(pop << h for h, pop in enumerate(populations))
     if weighted != n:
-        fail(f"n is {n}, but the levels' items weigh {weighted} "
-             f"(populations {populations.tolist()})")
+        fail(f"n is {n}, but the levels' items weigh {weighted} (populations {populations})")
 
-    lo, hi = np.frombuffer(data, dtype=kind.dtype, count=2, offset=items_at).tolist()
+    lo, hi = kind.two.unpack_from(data, items_at)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         fail(f"min {lo!r} or max {hi!r} is not finite")
     if not lo <= hi:
         fail(f"min {lo!r} is above max {hi!r}")
-    items = np.frombuffer(data, dtype=kind.dtype, count=retained, offset=items_at + 2 * kind.size)
-    finite = np.isfinite(items)
-    if not finite.all():
-        i = int(np.flatnonzero(~finite)[0])
-        fail(f"item {i} is {float(items[i])!r}, not finite")
-    outside = (items < lo) | (items > hi)
-    if outside.any():
+    items = np.frombuffer(data, dtype=kind.dtype, count=retained, offset=items_at + 2 * item_size)
+    # retained >= 1 (the levels weigh n >= 2). min/max propagate NaN, so items in [lo, hi]
+    # (lo and hi finite) are all finite too; otherwise find the first bad item as before.
+    smallest, largest = float(items.min()), float(items.max())
+    if not (lo <= smallest and largest <= hi):
+        finite = np.isfinite(items)
+        if not finite.all():
+            i = int(np.flatnonzero(~finite)[0])
+            fail(f"item {i} is {float(items[i])!r}, not finite")
+        outside = (items < lo) | (items > hi)
         i = int(np.flatnonzero(outside)[0])
         fail(f"item {i} is {float(items[i])!r}, outside [min {lo!r}, max {hi!r}]")
-    starts = (bounds - bounds[0]).tolist()
+    # Every checked level's sortedness in one comparison: descents[i] compares item
+    # begin + i + 1 with item begin + i, from the first level that must be sorted (level 0 only
+    # when flagged); the pairs that straddle a level boundary are no level's order, so they are
+    # masked out. An unsorted level 0 in exact mode (the usual small sketch) compares nothing.
+    starts = [b - first for b in bounds]
     first_sorted = 0 if flags & FLAG_LEVEL_ZERO_SORTED else 1
-    for h in range(first_sorted, num_levels):
-        level = items[starts[h]:starts[h + 1]]
-        descents = level[1:] < level[:-1]
-        if descents.any():
-            i = int(np.flatnonzero(descents)[0])
-            fail(f"level {h} is not sorted (item {i + 1} of the level, {float(level[i + 1])!r}, "
-                 f"follows {float(level[i])!r})")
-    if num_levels == 1 and (float(items.min()) != lo or float(items.max()) != hi):
+    begin = starts[first_sorted]
+    if begin < retained - 1:
+        descents = items[begin + 1:] < items[begin:-1]
+        for s in starts[first_sorted + 1:num_levels]:
+            if begin < s < retained:
+                descents[s - 1 - begin] = False
+        if descents.any():  # find the first unsorted level, as the per-level loop always did
+            for h in range(first_sorted, num_levels):
+                level = items[starts[h]:starts[h + 1]]
+                level_descents = level[1:] < level[:-1]
+                if level_descents.any():
+                    i = int(np.flatnonzero(level_descents)[0])
+                    fail(f"level {h} is not sorted (item {i + 1} of the level, "
+                         f"{float(level[i + 1])!r}, follows {float(level[i])!r})")
+    if num_levels == 1 and (smallest != lo or largest != hi):
         fail(f"exact-mode min {lo!r} / max {hi!r} differ from the items' "
-             f"{float(items.min())!r} / {float(items.max())!r}")
+             f"{smallest!r} / {largest!r}")
 
 
 def check_kll_floats(data: bytes, *, max_n: int = MAX_N, max_bytes: int = MAX_BYTES,
