@@ -25,7 +25,6 @@ import collections
 import logging
 import os
 import pathlib
-import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -694,7 +693,9 @@ class Monitor:
         summary.invalid_value_count = summary.unknown_feature_count = 0
         if acc.spec.privacy.unit == DEVICE_DAY:
             if self._clamp_rng is None:
-                self._clamp_rng = np.random.default_rng(secrets.randbits(128))
+                # os.urandom, not `secrets`: secrets loads hmac and OpenSSL's hashlib (~1 MB).
+                self._clamp_rng = np.random.default_rng(
+                    int.from_bytes(os.urandom(16), "little"))
             clamp_summary(summary, acc.spec.privacy.max_events_per_window, self._clamp_rng)
         release = PrivacyAccountant(self.spool, acc.spec, plan).reserve(acc.start_unix_s)
         if release.allowed:

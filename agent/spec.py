@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import hashlib
 import json
 import math
 import pathlib
@@ -29,6 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from agent.errors import SpecError
+
+try:  # CPython's own SHA-256: the same digest without loading OpenSSL via hashlib (~1 MB)
+    from _sha2 import sha256 as _sha256  # Python >= 3.12
+except ImportError:
+    try:
+        from _sha256 import sha256 as _sha256  # Python 3.11
+    except ImportError:  # a build without them
+        from hashlib import sha256 as _sha256
 
 __all__ = ["BINARY", "CATEGORICAL", "MULTICLASS", "NUMERIC", "REGRESSION", "FeatureSpec",
            "LabelSpec", "PrivacySpec", "Spec"]
@@ -432,7 +439,7 @@ class Spec:
 
     @functools.cached_property
     def hash(self) -> str:  # cached: the spec is frozen, and reports ask for it per window
-        return hashlib.sha256(self.canonical_bytes()).hexdigest()
+        return _sha256(self.canonical_bytes()).hexdigest()
 
     # -- JSON files --------------------------------------------------------------------------
 
