@@ -49,11 +49,11 @@ MAX_MISSES = 100_000
 
 @dataclass(frozen=True)
 class _Loaded:
-    """A key file as last read: its path, its (mtime_ns, size), and the key (None: unusable
-    file). The path is kept as a string: building and checking it again for every report
-    cost more than the stat itself."""
+    """A key file as last read: its path (kept: building and checking it again for every
+    report cost more than the stat itself), its (mtime_ns, size), and the key (None: unusable
+    file)."""
 
-    path: str
+    path: pathlib.Path
     stamp: tuple[int, int]
     key: Ed25519PublicKey | None
 
@@ -89,7 +89,7 @@ class DeviceKeys:
         """The device's key, or None when the id is invalid or has no usable key file."""
         loaded = self._loaded.get(key_id)
         if loaded is not None:  # a known id: its (already checked) path, stat'ed again
-            path: str | pathlib.Path = loaded.path
+            path = loaded.path
         else:
             checked = self.path(key_id)
             if checked is None:
@@ -114,7 +114,7 @@ class DeviceKeys:
             loaded = self._loaded.get(key_id)
             if loaded is not None and loaded.stamp == stamp:
                 return loaded.key
-        loaded = _Loaded(str(path), stamp, self._read(key_id, pathlib.Path(path), st.st_size))
+        loaded = _Loaded(path, stamp, self._read(key_id, path, st.st_size))
         with self._lock:
             self._loaded[key_id] = loaded
         return loaded.key

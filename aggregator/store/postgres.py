@@ -304,6 +304,15 @@ class _IngestJob:
     outcome: IngestOutcome | None = None
     error: BaseException | None = None
 
+    @classmethod
+    def of(cls, meta: ReportMeta, envelope: bytes, summary: Summary,
+           resolutions: tuple[int, ...],
+           contributions: Sequence[Contribution] | None) -> _IngestJob:
+        """The job for `ingest`'s arguments (None contributions: the report's own)."""
+        return cls(meta, envelope, summary, tuple(resolutions),
+                   (Contribution.of(meta),) if contributions is None else tuple(contributions),
+                   canonical_labels(dict(meta.labels)))
+
 
 class _Retry(Exception):
     """The transaction hit a deadlock, a serialization failure or a lost connection."""
@@ -477,20 +486,13 @@ class PostgresStore:
         """Group commit, as in SqliteStore: the report joins a queue; whoever holds the write
         lock writes everything queued in one transaction and hands every caller its outcome
         after the COMMIT. Nobody waits for a batch to fill."""
-        job = _IngestJob(meta, envelope, summary, tuple(resolutions),
-                         (Contribution.of(meta),) if contributions is None
-                         else tuple(contributions),
-                         canonical_labels(dict(meta.labels)))
+        job = _IngestJob.of(meta, envelope, summary, resolutions, contributions)
         return commit_in_group(job, self._queue, self._queue_lock, self._write_lock,
                                self._write_batch, MAX_BATCH)
 
     def ingest_many(self, items: Sequence[IngestItem]) -> list[IngestOutcome | BaseException]:
         """`ingest` for several reports at once: they share the group-commit transactions."""
-        jobs = [_IngestJob(meta, envelope, summary, tuple(resolutions),
-                           (Contribution.of(meta),) if contributions is None
-                           else tuple(contributions),
-                           canonical_labels(dict(meta.labels)))
-                for meta, envelope, summary, resolutions, contributions in items]
+        jobs = [_IngestJob.of(*item) for item in items]
         return commit_many_in_group(jobs, self._queue, self._queue_lock, self._write_lock,
                                     self._write_batch, MAX_BATCH)
 
