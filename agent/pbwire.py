@@ -474,6 +474,11 @@ def _decode(buf: bytes, schema: _Schema) -> _Message:
     for name, chunks in parts.items():
         sub = next(s for n, _k, _r, s in schema.values() if n == name)
         assert sub is not None
+        if len(chunks) > 1:
+            # Concatenation is protobuf's merge, but only of messages that are each whole:
+            # a truncated one must not borrow the next one's bytes (protobuf refuses it).
+            for chunk in chunks:
+                _decode(chunk, sub)
         values[name] = _decode(b"".join(chunks), sub)
     return _Message(schema, values, set(parts))
 

@@ -412,6 +412,16 @@ def _spec_agrees_with_protobuf(data: bytes) -> None:
     _same_as_protobuf(pbwire.decode_spec(data), expected)
 
 
+def test_a_truncated_singular_message_is_refused_even_when_another_copy_follows():
+    # The first `prediction` claims a 60-byte name it does not hold; merged by concatenation,
+    # it would borrow the second copy's bytes. Protobuf refuses it (found by hypothesis).
+    data = _field(4, 2, b"\x12<" + b"\x00" * 6) + _field(4, 2, _field(1, 2, b""))
+    with pytest.raises(DecodeError):
+        pb.Spec.FromString(data)
+    with pytest.raises(pbwire.WireError, match="truncated"):
+        pbwire.decode_spec(data)
+
+
 def test_spec_decoding_merges_repeated_messages_and_reads_unpacked_numbers():
     # A singular message given twice is merged; numbers may come unpacked (both are legal).
     data = (_field(1, 2, b"m") + _field(2, 2, b"1")
