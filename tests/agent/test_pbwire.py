@@ -415,7 +415,7 @@ def _spec_agrees_with_protobuf(data: bytes) -> None:
 def test_a_truncated_singular_message_is_refused_even_when_another_copy_follows():
     # The first `prediction` claims a 60-byte name it does not hold; merged by concatenation,
     # it would borrow the second copy's bytes. Protobuf refuses it (found by hypothesis).
-    data = _field(4, 2, b"\x12<" + b"\x00" * 6) + _field(4, 2, _field(1, 2, b""))
+    data = _field(4, 2, b"\x12<" + b"\x00" * 6) + _field(4, 2, _field(1, 2, b"x" * 60))
     with pytest.raises(DecodeError):
         pb.Spec.FromString(data)
     with pytest.raises(pbwire.WireError, match="truncated"):
