@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ import grpc
 from agent.errors import ConfigError
 from agent.keyfiles import read_credential_file
 
-__all__ = ["TlsCredentials", "make_channel"]
+__all__ = ["TlsCredentials", "direct_target", "make_channel"]
 
 MAX_PEM_BYTES = 1 << 20
 
@@ -63,18 +64,51 @@ def make_channel(target: str, tls: TlsCredentials | None = None, *,
     """A channel to ``target`` (mutual TLS with ``tls``, plaintext without).
 
     gRPC's default reconnect backoff grows to 120 s: after an aggregator outage a device would
-    sit idle long after it came back, so it follows the uploader's own backoff instead."""
+    sit idle long after it came back, so it follows the uploader's own backoff instead.
+
+    An IP-literal target (``10.0.0.5:7070``, ``[fd00::5]:7070``) is dialled directly
+    (`direct_target`), not through gRPC's DNS resolver."""
     opts: list[tuple[str, object]] = [
         ("grpc.initial_reconnect_backoff_ms", int(backoff_base_s * 1000)),
         ("grpc.min_reconnect_backoff_ms", int(backoff_base_s * 1000)),
         ("grpc.max_reconnect_backoff_ms", int(backoff_cap_s * 1000)),
-        *options,
     ]
+    direct = direct_target(target)
+    if tls is not None and tls.server_name:
+        opts.append(("grpc.ssl_target_name_override", tls.server_name))  # also the authority
+    elif direct != target:
+        # The authority (the :authority header, and the name the server certificate is
+        # checked against) stays what the caller wrote, whatever the URI scheme implies.
+        opts.append(("grpc.default_authority", target))
+    opts.extend(options)
     if tls is None:
-        return grpc.insecure_channel(target, options=opts)
-    if tls.server_name:
-        opts.append(("grpc.ssl_target_name_override", tls.server_name))
-    return grpc.secure_channel(target, tls.channel_credentials(), options=opts)
+        return grpc.insecure_channel(direct, options=opts)
+    return grpc.secure_channel(direct, tls.channel_credentials(), options=opts)
+
+
+def direct_target(target: str) -> str:
+    """``host:port`` with an IPv4 or bracketed IPv6 literal host as gRPC's ``ipv4:`` /
+    ``ipv6:`` URI; any other target (a name, or one with a scheme) unchanged.
+
+    Why: there is nothing to resolve, and gRPC's default DNS resolver (c-ares) costs a device
+    ~2 MB of resident memory the first time a channel uses it (docs/performance.md,
+    "Footprint"). Names still go through it; ``GRPC_DNS_RESOLVER=native`` in the device's
+    environment, set before grpc is imported, makes names cost about what literals do."""
+    if "/" in target or target.startswith(("ipv4:", "ipv6:", "unix:", "unix-abstract:",
+                                            "vsock:", "dns:")):
+        return target
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return target
+    if host.startswith("[") and host.endswith("]"):
+        family, scheme, literal = socket.AF_INET6, "ipv6:", host[1:-1]
+    else:
+        family, scheme, literal = socket.AF_INET, "ipv4:", host
+    try:
+        socket.inet_pton(family, literal)
+    except OSError:  # a name (or not an address at all): gRPC resolves or refuses it
+        return target
+    return scheme + target
 
 
 def _read(name: str, path: str | os.PathLike[str]) -> bytes:

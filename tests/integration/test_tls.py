@@ -23,7 +23,7 @@ from agent import Monitor
 from agent.errors import ConfigError
 from agent.signing import ReportSigner
 from agent.spec import Spec
-from agent.transport import TlsCredentials
+from agent.transport import TlsCredentials, make_channel
 from agent.window import WindowAccumulator
 from agent.wire import ReportMeta, report_to_proto, spec_to_proto
 from aggregator import certs
@@ -207,6 +207,36 @@ def test_expired_no_foreign_or_missing_certificate_fails_the_handshake(
     with grpc.insecure_channel(target) as channel:
         assert code_of(lambda: report_call(channel)(envelope, timeout=5)) == Status.UNAVAILABLE
     assert tls_aggregator.ingestor.accepted == 0
+
+
+def test_a_literal_address_is_dialled_directly_and_still_checked_by_name(
+        pki: Path, tmp_path: Path) -> None:
+    """`make_channel` dials an IP literal without the DNS resolver (`direct_target`); the
+    server's certificate must still name the address as written, or the override."""
+    d = tmp_path / "pki"
+    shutil.copytree(pki, d)
+    # A CA-signed server certificate for another name only (no 127.0.0.1, no localhost).
+    key, cert = certs._leaf(d, certs.x509.Name([certs.x509.NameAttribute(
+        NameOID.COMMON_NAME, "elsewhere")]), [certs.x509.DNSName("elsewhere.example")],
+        ExtendedKeyUsageOID.SERVER_AUTH, 30, None)
+    server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.Echo", {
+        "Call": grpc.unary_unary_rpc_method_handler(lambda req, ctx: req[::-1])}),))
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+        [(certs._key_pem(key), cert.public_bytes(serialization.Encoding.PEM))],
+        root_certificates=(d / "ca.pem").read_bytes(), require_client_auth=True))
+    server.start()
+    try:
+        device = creds(pki, "device:cam-1")
+        with make_channel(f"127.0.0.1:{port}", device) as channel:
+            assert code_of(lambda: channel.unary_unary("/t.Echo/Call")(b"ab", timeout=5)) \
+                == Status.UNAVAILABLE  # the certificate does not name 127.0.0.1
+        named = TlsCredentials(device.cacert, device.cert, device.key,
+                               server_name="elsewhere.example")
+        with make_channel(f"127.0.0.1:{port}", named) as channel:
+            assert channel.unary_unary("/t.Echo/Call")(b"ab", timeout=10) == b"ba"
+    finally:
+        server.stop(0)
 
 
 def test_common_name_alone_is_not_an_identity(tls_aggregator: RunningAggregator, pki: Path,
