@@ -19,6 +19,7 @@ report's ``device_id`` (`peer_identity`). See docs/security.md.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import pathlib
@@ -217,63 +218,97 @@ class RevocationList:
             logger.info("revocation list %s: %d entries", self.path, len(names))
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
+class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates and authorizes every call before its request is deserialized.
 
+    An interceptor of the asyncio server (`aggregator.rpc_server`); it guards coroutine
+    handlers (Report) and the plain ones the server runs in its thread pool alike.
     ``count(reason)`` is called once per refusal (the ingestor's rejection counter)."""
 
     def __init__(self, revoked: RevocationList | None, count: Callable[[str], None]) -> None:
         self.revoked = revoked
         self.count = count
 
-    def intercept_service(self, continuation: Callable[[Any], Any],
-                          handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation: Callable[[Any], Any],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED
             return None
         method = handler_call_details.method
         if handler.unary_unary is not None:
-            return _guard_unary(handler, lambda ctx: self._check(method, ctx))
+            return _guard_unary(handler, lambda ctx: self.refusal(method, ctx))
         # No streaming RPC exists today; guard one anyway, after deserialization.
-        return _guard_streaming(handler, lambda ctx: self._check(method, ctx))
+        return _guard_streaming(handler, lambda ctx: self.refusal(method, ctx))
 
     def _check(self, method: str, context: grpc.ServicerContext) -> None:
         """Return normally, or abort the call (which raises)."""
+        refused = self.refusal(method, context)
+        if refused is not None:
+            context.abort(*refused)
+
+    def refusal(self, method: str, context: grpc.ServicerContext
+                ) -> tuple[grpc.StatusCode, str] | None:
+        """None when the peer may call ``method``; else the status to abort with (counted)."""
         identity = peer_identity(context)
         if identity is None:
             self.count("unauthenticated")
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "no fleetwatch identity: the client certificate must carry a URI SAN "
-                          "spiffe://fleetwatch/device/<ID> or spiffe://fleetwatch/operator/<NAME>")
+            return (grpc.StatusCode.UNAUTHENTICATED,
+                    "no fleetwatch identity: the client certificate must carry a URI SAN "
+                    "spiffe://fleetwatch/device/<ID> or spiffe://fleetwatch/operator/<NAME>")
         if peer_expired(context):
             self.count("expired")
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          f"the certificate of {identity.role} {identity.name!r} has expired "
-                          "(the connection outlived it): issue a new one")
+            return (grpc.StatusCode.UNAUTHENTICATED,
+                    f"the certificate of {identity.role} {identity.name!r} has expired "
+                    "(the connection outlived it): issue a new one")
         if self.revoked is not None and self.revoked.is_revoked(
                 identity, lambda: _peer_serial_hex(context)):
             self.count("revoked")
             logger.warning("refused revoked %s %s calling %s", identity.role, identity.name,
                            method)
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          f"the certificate of {identity.role} {identity.name!r} is revoked")
+            return (grpc.StatusCode.UNAUTHENTICATED,
+                    f"the certificate of {identity.role} {identity.name!r} is revoked")
         if not allowed(identity, method):
             self.count("permission_denied")
             what = (f"{identity.role}s may call only Ingest/Report and Ingest/GetSpec"
                     if identity.role in (DEVICE, AGGREGATOR)
                     else "operators may call only Query and Admin")
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"{identity.role} {identity.name!r} may not call {method}: {what}")
+            return (grpc.StatusCode.PERMISSION_DENIED,
+                    f"{identity.role} {identity.name!r} may not call {method}: {what}")
+        return None
 
 
-def _guard_unary(handler: grpc.RpcMethodHandler,
-                 check: Callable[[grpc.ServicerContext], None]) -> grpc.RpcMethodHandler:
-    """The same unary handler, checking first and deserializing only afterwards."""
+Refusal = Callable[[grpc.ServicerContext], "tuple[grpc.StatusCode, str] | None"]
+
+
+def _guard_unary(handler: grpc.RpcMethodHandler, refusal: Refusal) -> grpc.RpcMethodHandler:
+    """The same unary handler, checking first and deserializing only afterwards.
+
+    A coroutine handler gets a coroutine guard (its context's abort is awaited); a plain one
+    a plain guard, run where the server runs it (its context's abort raises)."""
     deserialize = handler.request_deserializer
     behaviour = handler.unary_unary
 
+    if inspect.iscoroutinefunction(behaviour):
+        async def guarded_async(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            refused = refusal(context)
+            if refused is not None:
+                await context.abort(*refused)
+            if deserialize is None:
+                return await behaviour(raw, context)
+            try:
+                request = deserialize(raw)
+            except Exception:  # protobuf DecodeError and kin
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request message")
+            return await behaviour(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded_async, request_deserializer=None,
+            response_serializer=handler.response_serializer)
+
     def guarded(raw: bytes, context: grpc.ServicerContext) -> Any:
-        check(context)
+        refused = refusal(context)
+        if refused is not None:
+            context.abort(*refused)
         if deserialize is None:
             return behaviour(raw, context)
         try:
@@ -286,8 +321,7 @@ def _guard_unary(handler: grpc.RpcMethodHandler,
         guarded, request_deserializer=None, response_serializer=handler.response_serializer)
 
 
-def _guard_streaming(handler: grpc.RpcMethodHandler,
-                     check: Callable[[grpc.ServicerContext], None]) -> grpc.RpcMethodHandler:
+def _guard_streaming(handler: grpc.RpcMethodHandler, refusal: Refusal) -> grpc.RpcMethodHandler:
     kinds = [("unary_stream", grpc.unary_stream_rpc_method_handler),
              ("stream_unary", grpc.stream_unary_rpc_method_handler),
              ("stream_stream", grpc.stream_stream_rpc_method_handler)]
@@ -296,7 +330,9 @@ def _guard_streaming(handler: grpc.RpcMethodHandler,
         if behaviour is not None:
             def guarded(request: Any, context: grpc.ServicerContext,
                         behaviour: Any = behaviour) -> Any:
-                check(context)
+                refused = refusal(context)
+                if refused is not None:
+                    context.abort(*refused)
                 return behaviour(request, context)
 
             return make(guarded, request_deserializer=handler.request_deserializer,

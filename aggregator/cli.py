@@ -706,7 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse reports not signed with the device's DIR/devices/<ID>.sign.pub "
                    "key (default: on with --tls-dir; --no-require-signatures still verifies "
                    "signed reports but takes unsigned ones)")
-    p.add_argument("--workers", type=int, default=8, help="RPC worker threads (default: 8)")
+    p.add_argument("--workers", type=int, default=8,
+                   help="threads for queries and admin calls; reports are taken on the "
+                        "server's event loop and stored by one writer thread (default: 8)")
     p.add_argument("--retain-raw", metavar="DUR", default="7d",
                    help="keep each report's raw envelope this long after its window, then "
                    "drop the bytes (its row, rollups and counts stay, and it still "

@@ -24,6 +24,7 @@ from agent.spec import Spec
 from agent.summary import Summary
 from agent.upload import LABEL_LIMIT_REFUSAL
 from agent.wire import ReportMeta
+from aggregator.batch_writer import BatchWriter
 from aggregator.batcher import Batcher
 from aggregator.keys import AGGREGATOR_KEY_PREFIX, DeviceKeys
 from aggregator.store.base import (
@@ -156,6 +157,9 @@ class Ingestor:
         self._bytes_total: collections.Counter[tuple[str, str]] = collections.Counter()
         self._bytes_hourly: dict[int, collections.Counter[tuple[str, str]]] = {}
         self._batcher: Batcher[_Received, IngestOutcome] = Batcher(self._process, MAX_BATCH)
+        # For `ingest_async` (the asyncio server): its batches, on a thread of their own.
+        self._writer: BatchWriter[_Received, IngestOutcome] = BatchWriter(
+            self._process, MAX_BATCH, on_abandoned=self._count_abandoned)
 
     def _spec(self, spec_hash: str) -> Spec | None:
         spec = self._specs.get(spec_hash)
@@ -195,6 +199,11 @@ class Ingestor:
                                f"the signature does not verify with device {key_id!r}'s key",
                                Unauthenticated)
         return key_id
+
+    def _count_abandoned(self, items: list[_Received]) -> None:
+        """Reports whose callers gave up while they waited for the writer (not stored)."""
+        with self._lock:
+            self.rejected["deadline_exceeded"] += len(items)
 
     def count_rejected(self, reason: str) -> None:
         """Count a refusal made outside `ingest` (the TLS interceptor's, `aggregator.auth`)."""
@@ -320,6 +329,28 @@ class Ingestor:
         Concurrent calls are processed in batches by one caller at a time
         (`aggregator.batcher`): each report is checked on its own (a bad one fails alone)
         and the batch's good ones go to the store in one transaction."""
+        # Here, in the caller's thread, not in the batch: the signature check releases the
+        # GIL, so callers verify in parallel.
+        return self._batcher.submit(self._receive(envelope_bytes, peer_device_id,
+                                                  peer_aggregator_id))
+
+    async def ingest_async(self, envelope_bytes: bytes, peer_device_id: str | None = None, *,
+                           peer_aggregator_id: str | None = None) -> IngestOutcome:
+        """`ingest` for a caller on an asyncio event loop: the envelope is parsed and its
+        signature checked on the loop, then the report waits for a batch of the writer thread
+        (`aggregator.batch_writer`), with the same checks, outcomes and errors."""
+        received = self._receive(envelope_bytes, peer_device_id, peer_aggregator_id)
+        return await self._writer.submit(received)
+
+    def close(self) -> None:
+        """Finish the async writer's queued batches and stop its thread (`ingest` needs no
+        closing). Call before closing the store."""
+        self._writer.close()
+
+    def _receive(self, envelope_bytes: bytes, peer_device_id: str | None,
+                 peer_aggregator_id: str | None) -> _Received:
+        """The envelope parsed and its signature checked, before the report bytes are parsed
+        (raises IngestRejected)."""
         try:
             envelope = pb.ReportEnvelope.FromString(envelope_bytes)
         except DecodeError as e:
@@ -327,11 +358,9 @@ class Ingestor:
                                ) from None
         if not envelope.report:
             raise self._reject("malformed", "envelope.report", "empty report")
-        # Before the report bytes are parsed; and here, in the caller's thread, not in the
-        # batch: the signature check releases the GIL, so callers verify in parallel.
         signer = self._authenticate(envelope)
-        return self._batcher.submit(_Received(envelope_bytes, envelope.report, signer,
-                                              peer_device_id, peer_aggregator_id))
+        return _Received(envelope_bytes, envelope.report, signer, peer_device_id,
+                         peer_aggregator_id)
 
     def _process(self, batch: list[_Received]) -> list[IngestOutcome | BaseException]:
         """One batch (the leader's call): check each report, store the good ones together,

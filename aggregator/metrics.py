@@ -134,15 +134,17 @@ class AlertCounter:
             return dict(self._firing)
 
 
-class QueryTimer(grpc.ServerInterceptor):
-    """Observes the duration of every Query RPC into ``observe(method, seconds)``."""
+class QueryTimer(grpc.aio.ServerInterceptor):
+    """Observes the duration of every Query RPC into ``observe(method, seconds)`` (an
+    interceptor of the asyncio server; the Query handlers are plain functions it runs in its
+    thread pool)."""
 
     def __init__(self, observe: Callable[[str, float], None]) -> None:
         self.observe = observe
 
-    def intercept_service(self, continuation: Callable[[Any], Any],
-                          handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation: Callable[[Any], Any],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or handler.unary_unary is None or not method.startswith(QUERY_PREFIX):
             return handler

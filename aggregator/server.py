@@ -23,8 +23,8 @@ import math
 import pathlib
 import ssl
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -40,6 +40,7 @@ from aggregator.loopback import is_loopback
 from aggregator.metrics import AlertCounter, Metrics, MetricsConfig
 from aggregator.notify import LogNotifier, MultiNotifier, Notifier, WebhookNotifier
 from aggregator.retention import RawRetention
+from aggregator.rpc_server import RpcServer
 from aggregator.service import AdminService, IngestService, QueryService, ingest_handler
 from aggregator.store import Store, describe_db, open_store
 from aggregator.validate import Limits
@@ -187,7 +188,7 @@ TLS_FILES = ("ca.pem", "server.pem", "server.key")
 
 @dataclass
 class RunningAggregator:
-    server: grpc.Server
+    server: RpcServer
     port: int
     store: Store
     ingestor: Ingestor
@@ -241,7 +242,7 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
     revoked = None if credentials is None else RevocationList(
         pathlib.Path(config.tls_dir) / "revoked.txt",  # type: ignore[arg-type]
         check_interval_s=config.revocation_check_s)
-    interceptors: list[grpc.ServerInterceptor] = [] if revoked is None else [
+    interceptors: list[grpc.aio.ServerInterceptor] = [] if revoked is None else [
         AuthInterceptor(revoked, count=ingestor.count_rejected)]
     metrics = None
     if config.http_listen is not None:
@@ -249,31 +250,30 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
                           alert_counter=alert_counter,
                           forwarding=None if forwarder is None else forwarder.stats)
         interceptors.append(metrics.grpc_interceptor())  # after auth: refused calls not timed
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers,
-                                   thread_name_prefix="fleetwatch-rpc"),
+    admin_handler = _servicer_handler(pb_grpc.add_AdminServicer_to_server, AdminService(
+        store, ingestor, forwarding=None if forwarder is None else forwarder.stats))
+    query_handler = _servicer_handler(pb_grpc.add_QueryServicer_to_server,
+                                      QueryService(store, alerts=evaluator))
+    server = RpcServer(
+        config.listen, credentials,
+        handlers=[ingest_handler(IngestService(ingestor, store,
+                                               max_message_bytes=config.max_message_bytes)),
+                  admin_handler, query_handler],
+        workers=config.workers,
+        interceptors=interceptors,
         options=[("grpc.max_receive_message_length", config.grpc_receive_limit),
                  ("grpc.max_send_message_length", 64 << 20),
                  ("grpc.so_reuseport", 0)],
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-        interceptors=interceptors,
-    )
-    server.add_generic_rpc_handlers((ingest_handler(
-        IngestService(ingestor, store, max_message_bytes=config.max_message_bytes)),))
-    pb_grpc.add_AdminServicer_to_server(
-        AdminService(store, ingestor, forwarding=None if forwarder is None else forwarder.stats),
-        server)
-    pb_grpc.add_QueryServicer_to_server(QueryService(store, alerts=evaluator), server)
-    port = (server.add_insecure_port(config.listen) if credentials is None
-            else server.add_secure_port(config.listen, credentials))
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+    port = server.port
     if port == 0:
+        ingestor.close()
         if evaluator is not None:
             evaluator.close(timeout_s=0.0)
         if forwarder is not None:
             forwarder.close()
         store.close()
         raise ConfigError(f"listen: could not bind {config.listen} (in use?)")
-    server.start()
     http_server = None
     if config.http_listen is not None:
         try:
@@ -282,7 +282,8 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
                 HttpContext(store, evaluator, ingestor, config.http_default_model), metrics,
                 None if certificates is None else certificates.ssl_context(), revoked)
         except (OSError, ssl.SSLError) as e:
-            server.stop(grace=None).wait()
+            server.stop(grace_s=None)
+            ingestor.close()
             if evaluator is not None:
                 evaluator.close(timeout_s=0.0)
             if forwarder is not None:
@@ -318,7 +319,8 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
             http_server.close()
         if certificates is not None:
             certificates.close()
-        server.stop(grace=2).wait()
+        server.stop(grace_s=2.0)
+        ingestor.close()  # what the writer still holds is stored before the store closes
         if evaluator is not None:
             # Bounded: a hung webhook receiver delays shutdown by at most this much.
             evaluator.close(timeout_s=2.0)
@@ -327,6 +329,27 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
         if retention is not None:
             retention.close()
         store.close()
+
+
+class _HandlerCollector:
+    """What the generated ``add_*Servicer_to_server`` functions need of a server: they
+    register their generic handler on it, which we keep for `RpcServer`."""
+
+    def __init__(self) -> None:
+        self.handlers: list[grpc.GenericRpcHandler] = []
+
+    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        self.handlers.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        pass  # an optimisation for registered methods; the generic handler serves them too
+
+
+def _servicer_handler(add: Callable[[Any, Any], None], servicer: Any) -> grpc.GenericRpcHandler:
+    collector = _HandlerCollector()
+    add(servicer, collector)
+    (handler,) = collector.handlers
+    return handler
 
 
 def _on_accepted(evaluator: AlertEvaluator | None, forwarder: Forwarder | None

@@ -4,6 +4,7 @@ One table maps domain errors to status codes (`_STATUS`)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from agent.errors import SpecError, ValidationError
 from agent.wire import spec_from_proto, spec_to_proto
 from aggregator.alerts.evaluator import AlertEvaluator, ModelBudget
 from aggregator.auth import peer_identity
+from aggregator.batch_writer import WriterClosed
 from aggregator.certs import AGGREGATOR, DEVICE
 from aggregator.compare import Comparison, compare_versions
 from aggregator.explain import explain
@@ -58,15 +60,20 @@ _STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
     (SpecError, grpc.StatusCode.INVALID_ARGUMENT),
     (QueryError, grpc.StatusCode.NOT_FOUND),
+    (WriterClosed, grpc.StatusCode.UNAVAILABLE),  # the server is stopping: the device retries
 ]
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
+def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
     for cls, code in _STATUS:
         if isinstance(exc, cls):
-            context.abort(code, str(exc))
+            return code, str(exc)
     logger.error("internal error: %r", exc, exc_info=exc)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
+    context.abort(*_status_of(exc))
     raise AssertionError("unreachable: context.abort raises")
 
 
@@ -80,30 +87,33 @@ class IngestService:
         # Our own limit, below gRPC's receive limit: refusals up to gRPC's are counted here.
         self.max_message_bytes = max_message_bytes
 
-    def Report(self, request: bytes, context: grpc.ServicerContext) -> pb.ReportResponse:
+    async def Report(self, request: bytes, context: grpc.aio.ServicerContext
+                     ) -> pb.ReportResponse:
+        """On the server's event loop (`aggregator.rpc_server`): the report waits for the
+        ingest writer's batch without holding a thread (`Ingestor.ingest_async`)."""
         if self.max_message_bytes is not None and len(request) > self.max_message_bytes:
             self.ingestor.count_rejected("oversize")
             # Final, not RESOURCE_EXHAUSTED (which tells a device to retry, as for overload):
             # the same bytes will never fit, and retrying would block the device's spool.
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"envelope: {len(request)} bytes, above the limit of "
-                          f"{self.max_message_bytes}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"envelope: {len(request)} bytes, above the limit of "
+                                f"{self.max_message_bytes}")
         left = context.time_remaining()
         if left is not None and left <= 0:
             # The caller has given up (it waited in the queue): its retry will carry the report.
             self.ingestor.count_rejected("deadline_exceeded")
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                          "the call's deadline passed before it was handled")
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                "the call's deadline passed before it was handled")
         try:
-            outcome = self.ingestor.ingest(request, _peer_device_id(context),
-                                           peer_aggregator_id=_peer_aggregator_id(context))
+            outcome = await self.ingestor.ingest_async(
+                request, _peer_device_id(context), peer_aggregator_id=_peer_aggregator_id(context))
         except Exception as e:  # mapped to a status; never kills the server
-            _abort(context, e)
+            await context.abort(*_status_of(e))
         if outcome in (IngestOutcome.REPLAYED, IngestOutcome.SEQ_REUSED):
             # Never merged. The mark tells an honest device that lost its spool where to
             # continue (a replayer learns nothing it could use: the mark only grows).
-            return pb.ReportResponse(status=pb.ReportResponse.STALE_SEQ,
-                                     high_water_mark=self._high_water_mark(request))
+            mark = await asyncio.to_thread(self._high_water_mark, request)  # a store read
+            return pb.ReportResponse(status=pb.ReportResponse.STALE_SEQ, high_water_mark=mark)
         status = (pb.ReportResponse.ACCEPTED if outcome is IngestOutcome.ACCEPTED
                   else pb.ReportResponse.DUPLICATE)
         return pb.ReportResponse(status=status)

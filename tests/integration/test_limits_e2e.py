@@ -210,6 +210,54 @@ def test_calls_whose_deadline_passed_in_the_queue_are_not_merged(
     assert stored(db) == [("dev-1", 1), ("dev-1", 3)]
 
 
+def test_concurrent_devices_each_get_their_own_answer_and_share_commits(
+        aggregator: RunningAggregator, spec, window_base: int, report_rpc) -> None:
+    """24 devices at once over gRPC (the asyncio server's Report, the writer's batches):
+    every good report is stored exactly once in shared transactions, a lost
+    acknowledgement's resend is DUPLICATE, a bad report fails alone."""
+    send = report_rpc(aggregator.target)
+    send(envelope(spec, 1, window_base, device="warm"), timeout=10)  # labels known
+    commits = aggregator.store.ingest_commits
+
+    def device(i: int) -> dict[int, object]:
+        out: dict[int, object] = {}
+        for seq in range(1, 11):
+            env = envelope(spec, seq, window_base + 60 * seq, device=f"dev-{i:02d}")
+            if (i, seq) == (5, 4):  # more errors than events: invalid
+                report = pb.WindowReport.FromString(pb.ReportEnvelope.FromString(env).report)
+                report.error_count = 99
+                env = pb.ReportEnvelope(report=report.SerializeToString()).SerializeToString()
+            try:
+                out[seq] = send(env, timeout=30).status
+                if seq == 7:
+                    out[-seq] = send(env, timeout=30).status
+            except grpc.RpcError as e:
+                out[seq] = e.code()
+        return out
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(device, range(24)))
+    ok, dup = pb.ReportResponse.ACCEPTED, pb.ReportResponse.DUPLICATE
+    for i, out in enumerate(results):
+        expected = {seq: ok for seq in range(1, 11)} | {-7: dup}
+        if i == 5:
+            expected[4] = Status.INVALID_ARGUMENT
+        assert out == expected, i
+    rows = stored(aggregator_db(aggregator))
+    assert len(rows) == 1 + 24 * 10 - 1 and len(set(rows)) == len(rows)
+    assert aggregator.store.ingest_commits - commits < 24 * 10  # batched, not one per report
+    # Other bytes under a stored seq: refused (STALE_SEQ), and the device learns its mark.
+    response = send(envelope(spec, 1, window_base, device="dev-00"), timeout=10)
+    assert (response.status, response.high_water_mark) == (pb.ReportResponse.STALE_SEQ, 10)
+    s = stats(aggregator.target)
+    assert (s.accepted, s.duplicates) == (1 + 24 * 10 - 1, 24)
+    assert dict(s.rejected) == {"invalid": 1, "seq_reused": 1}
+
+
+def aggregator_db(agg: RunningAggregator) -> Path:
+    return Path(agg.store.path)
+
+
 # -- label cardinality -----------------------------------------------------------------------
 
 def test_label_values_beyond_the_limit_are_refused_across_restarts(
