@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +36,7 @@ from aggregator.store.base import (
     rollup_resolutions,
     time_cover,
 )
+from aggregator.store.rollup_cache import Lru
 
 __all__ = ["CohortHealth", "CohortPrivacy", "MergedCohort", "QueryError", "cohort_fairness",
            "cohort_health", "cohort_privacy", "list_cohorts", "merged_cohorts", "resolve_range",
@@ -159,6 +162,30 @@ def _group_key(ls: LabelSet, group_by: Sequence[str]) -> tuple[str, ...]:
 
 _DEFAULT_SIGNIFICANCE = SignificanceCache()
 
+# Per significance cache: FeatureHealth by everything `_feature_health` reads. A repeated
+# query over closed buckets merges to the same counts, and drift with its significance was
+# ~30 % of a day's health query (12 features x 20 cohorts; docs/performance.md).
+_FEATURE_MEMO: weakref.WeakKeyDictionary[SignificanceCache, Lru] = weakref.WeakKeyDictionary()
+_FEATURE_MEMO_LOCK = threading.Lock()
+FEATURE_MEMO_ENTRIES = 4096
+
+
+def _feature_health_memo(spec: Spec, feature: FeatureSpec, counts: np.ndarray, merged: Summary,
+                         cache: SignificanceCache, alpha: float) -> FeatureHealth:
+    """`_feature_health`, remembered by its inputs' values (the counts by their bytes)."""
+    with _FEATURE_MEMO_LOCK:
+        memo = _FEATURE_MEMO.get(cache)
+        if memo is None:
+            memo = _FEATURE_MEMO[cache] = Lru(FEATURE_MEMO_ENTRIES)
+    counts = np.asarray(counts)
+    key = (spec.hash, feature.name, counts.dtype.str, counts.shape, counts.tobytes(),
+           merged.noise_variance_per_bin, merged.histogram_event_count, alpha)
+    hit = memo.get(key)
+    if hit is None:
+        hit = _feature_health(feature, counts, merged, cache, alpha)
+        memo.put(key, hit)
+    return hit  # type: ignore[return-value]
+
 
 def _feature_health(feature: FeatureSpec, counts: np.ndarray, merged: Summary,
                     cache: SignificanceCache, alpha: float) -> FeatureHealth:
@@ -214,7 +241,8 @@ def cohort_health(store: Store, model: str, model_version: str = "",
                   start: int = 0, end: int = 0, now: float | None = None,
                   significance: SignificanceCache | None = None) -> list[CohortHealth]:
     """Health of every cohort of the selection, grouped by `group_by` keys (sorted by key)."""
-    significance = significance or _DEFAULT_SIGNIFICANCE
+    # `is None`, not `or`: an empty cache is falsy (it has a length) but is still the caller's.
+    significance = _DEFAULT_SIGNIFICANCE if significance is None else significance
     selector = dict(selector or {})
     spec = resolve_spec(store, model, model_version)
     lo, hi = resolve_range(start, end, spec.window_length_s, now)
@@ -253,10 +281,10 @@ def cohort_health(store: Store, model: str, model_version: str = "",
             latency_p99_ms=p99,
             latency_rank_error=merged.latency.normalized_rank_error(False)
             if not merged.latency.is_empty() else 0.0,
-            features=tuple(_feature_health(f, merged.features[f.name], merged, significance,
-                                           alpha) for f in spec.features),
-            prediction=(_feature_health(spec.prediction, merged.prediction, merged,
-                                        significance, alpha)
+            features=tuple(_feature_health_memo(spec, f, merged.features[f.name], merged,
+                                                significance, alpha) for f in spec.features),
+            prediction=(_feature_health_memo(spec, spec.prediction, merged.prediction, merged,
+                                             significance, alpha)
                         if spec.prediction is not None and merged.prediction is not None
                         else None),
             late_events=merged.late_event_count,

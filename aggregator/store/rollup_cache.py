@@ -22,12 +22,12 @@ from collections.abc import Callable, Hashable, Sequence
 
 from agent.summary import Summary
 
-__all__ = ["BatchRollups", "ReadCache", "WriteCache"]
+__all__ = ["BatchRollups", "Lru", "ReadCache", "WriteCache"]
 
 RowKey = tuple[str, int, int, int]  # (spec_hash, resolution, window_start, label_set)
 
 
-class _Lru:
+class Lru:
     """A bounded mapping that forgets the least recently used entries (thread-safe)."""
 
     def __init__(self, max_entries: int) -> None:
@@ -68,8 +68,8 @@ class ReadCache:
     # ~10 KB a row (bytes, arrays, sketch) at the bench's 12 features: ~40 MB at most. A day's
     # health of 20 cohorts holds ~1,700 rows and ~80 runs.
     def __init__(self, max_rows: int = 4096, max_runs: int = 1024) -> None:
-        self._rows = _Lru(max_rows)
-        self._runs = _Lru(max_runs)
+        self._rows = Lru(max_rows)
+        self._runs = Lru(max_runs)
         self.hits = self.misses = 0  # rows decoded from the cache / from bytes (tests, docs)
 
     def row(self, key: RowKey, blob: bytes, decode: Callable[[bytes], Summary]) -> Summary:
@@ -104,7 +104,7 @@ class WriteCache:
     """The decoded summary of each rollup key as last committed by this store's writer."""
 
     def __init__(self, max_keys: int = 4096) -> None:
-        self._keys = _Lru(max_keys)
+        self._keys = Lru(max_keys)
 
     def get(self, key: RowKey) -> Summary | None:
         return self._keys.get(key)  # type: ignore[return-value]

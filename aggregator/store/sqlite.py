@@ -38,7 +38,7 @@ from aggregator.store.base import (
 )
 from aggregator.store.group_commit import commit_in_group, commit_many_in_group
 from aggregator.store.pool import READERS, ReaderPool
-from aggregator.store.rollup_cache import BatchRollups, ReadCache, WriteCache
+from aggregator.store.rollup_cache import BatchRollups, Lru, ReadCache, WriteCache
 from aggregator.store.rows import (
     alert_from_row,
     alert_history_query,
@@ -216,6 +216,11 @@ CREATE INDEX IF NOT EXISTS sender_activity_by_time ON sender_activity (spec_hash
 """
 
 
+# Device sets kept for device counts (`SqliteStore._bucket_devices`): entries, and the rows
+# of one range above which it is counted in SQL instead (~100 bytes a device id in a set).
+DEVICE_SET_ENTRIES = 512
+DEVICE_SET_MAX_ROWS = 200_000
+
 # Reports per group-commit transaction, at most: bounds how long the write lock is held
 # (and so how long a query's `save_alert_window` or a spec push may wait behind a batch).
 MAX_BATCH = 256
@@ -282,6 +287,9 @@ class SqliteStore:
         self._queue: list[_IngestJob] = []        # reports waiting for the next batch
         self.ingest_commits = 0                   # group-commit transactions committed
         self._read_cache = ReadCache()            # decoded rollups for queries
+        # (spec, label sets, resolution, lo, hi) -> (rows, frozenset of device ids) of that
+        # device_activity range (`_bucket_devices`); bounded in entries and in set size.
+        self._device_sets = Lru(DEVICE_SET_ENTRIES)
         # Decoded rollups as this writer committed them: any other write to `rollups` on the
         # writer connection must clear it (another connection's shows in data_version).
         self._write_cache = WriteCache()
@@ -707,6 +715,74 @@ class SqliteStore:
         key = (spec_hash, tuple(ids), start, end)
         if key in memo[1]:
             return memo[1][key]
+        count = self._count_from_sets(db, spec_hash, ids, start, end)
+        if count is None:
+            count = self._count_in_sql(db, spec_hash, ids, start, end)
+        memo[1][key] = count
+        return count
+
+    def _count_from_sets(self, db: sqlite3.Connection, spec_hash: str, ids: list[int],
+                         start: int, end: int) -> int | None:
+        """The count from the device sets of the range's buckets (`_bucket_devices`: each
+        kept across commits while its rows stay the same); None when a set is too large to
+        keep (then `_count_in_sql` counts in the database)."""
+        whole, edges = activity_cover(start, end)
+        covered: set[str] = set()
+        for res, lo, hi in whole:
+            devices = self._bucket_devices(db, spec_hash, ids, res, lo, hi)
+            if devices is None:
+                return None
+            covered.update(devices)
+        added: set[str] = set()
+        for lo, hi in edges:
+            # A partial hour: its hour's devices not counted yet, if they have a report with
+            # a window inside the edge (for a fleet reporting steadily there are none).
+            devices = self._bucket_devices(db, spec_hash, ids, HOUR_S, lo // HOUR_S * HOUR_S,
+                                           -(-hi // HOUR_S) * HOUR_S)
+            if devices is None:
+                return None
+            candidates = sorted(devices - covered - added)
+            for i in range(0, len(candidates), 500):
+                chunk = candidates[i:i + 500]
+                added.update(row[0] for row in db.execute(
+                    f"SELECT DISTINCT device_id FROM window_contributions "
+                    f"WHERE device_id IN ({','.join('?' * len(chunk))}) AND window_start >= ? "
+                    f"AND window_start < ? AND spec_hash = ? "
+                    f"AND label_set IN ({','.join('?' * len(ids))})",
+                    (*chunk, lo, hi, spec_hash, *ids)))
+        return len(covered) + len(added)
+
+    def _bucket_devices(self, db: sqlite3.Connection, spec_hash: str, ids: list[int], res: int,
+                        lo: int, hi: int) -> frozenset[str] | None:
+        """The devices with a `device_activity` row of resolution ``res`` for these label sets
+        in buckets [lo, hi); None when there are more than DEVICE_SET_MAX_ROWS rows.
+
+        Kept across commits, and checked on every use by counting the range's rows (an index
+        range count, ~7x cheaper here than the DISTINCT): `device_activity` rows are only ever
+        inserted (ingest's upserts add rows or update counters in place; nothing deletes
+        them), so the same number of rows in a range means the same rows, whoever wrote the
+        file. Counted before the set is read: a row inserted in between makes the kept count
+        low, so the next use reads the set again."""
+        marks = ",".join("?" * len(ids))
+        where = (f"FROM device_activity WHERE spec_hash = ? AND resolution = ? "
+                 f"AND label_set IN ({marks}) AND bucket >= ? AND bucket < ?")
+        args = (spec_hash, res, *ids, lo, hi)
+        rows = int(db.execute(f"SELECT COUNT(*) {where}", args).fetchone()[0])
+        if rows > DEVICE_SET_MAX_ROWS:
+            return None
+        key = (spec_hash, tuple(ids), res, lo, hi)
+        kept = self._device_sets.get(key)
+        if kept is not None and kept[0] == rows:  # type: ignore[index]
+            return kept[1]  # type: ignore[index,no-any-return]
+        devices = frozenset(row[0] for row in db.execute(f"SELECT DISTINCT device_id {where}",
+                                                         args))
+        self._device_sets.put(key, (rows, devices))
+        return devices
+
+    @staticmethod
+    def _count_in_sql(db: sqlite3.Connection, spec_hash: str, ids: list[int], start: int,
+                      end: int) -> int:
+        """`_count_from_sets` in one statement, for ranges too large to keep in memory."""
         marks = ",".join("?" * len(ids))
         whole, edges = activity_cover(start, end)
         covered_sql, covered_args = [], []
@@ -738,9 +814,7 @@ class SqliteStore:
         sql = "SELECT " + " + ".join(parts)
         if covered_sql:
             sql = f"WITH covered(device_id) AS MATERIALIZED ({' UNION '.join(covered_sql)}) " + sql
-        count = int(db.execute(sql, (*covered_args, *edge_args)).fetchone()[0])
-        memo[1][key] = count
-        return count
+        return int(db.execute(sql, (*covered_args, *edge_args)).fetchone()[0])
 
     def privacy_stats(self, spec_hash: str, label_set_ids: Iterable[int], start: int,
                       end: int) -> PrivacyStats:
