@@ -221,7 +221,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from aggregator.store import describe_db
 
     config = AggregatorConfig(
-        db=ns.db, listen=ns.listen, workers=ns.workers, rules_path=ns.rules,
+        db=ns.db, listen=ns.listen, workers=ns.workers, ingest_process=ns.ingest_process,
+        rules_path=ns.rules,
         webhooks=tuple(ns.webhook or ()), external_url=ns.external_url or "",
         alert_lateness_s=(parse_duration(ns.alert_lateness) if ns.alert_lateness is not None
                           else None),
@@ -706,6 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse reports not signed with the device's DIR/devices/<ID>.sign.pub "
                    "key (default: on with --tls-dir; --no-require-signatures still verifies "
                    "signed reports but takes unsigned ones)")
+    p.add_argument("--ingest-process", action="store_true",
+                   help="check and store reports in a child process with its own GIL: on two "
+                        "or more cores, more reports per second (docs/performance.md)")
     p.add_argument("--workers", type=int, default=8,
                    help="threads for queries and admin calls; reports are taken on the "
                         "server's event loop and stored by one writer thread (default: 8)")

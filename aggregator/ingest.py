@@ -14,7 +14,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
@@ -26,6 +26,7 @@ from agent.upload import LABEL_LIMIT_REFUSAL
 from agent.wire import ReportMeta
 from aggregator.batch_writer import BatchWriter
 from aggregator.batcher import Batcher
+from aggregator.ingest_process import IngestProcess
 from aggregator.keys import AGGREGATOR_KEY_PREFIX, DeviceKeys
 from aggregator.store.base import (
     Contribution,
@@ -106,6 +107,25 @@ class _Received:
 
 
 @dataclass(frozen=True, slots=True)
+class Stored:
+    """What the store made of a checked report, with what counting it needs (plain values:
+    it crosses the pipe from `aggregator.ingest_process`)."""
+
+    outcome: IngestOutcome
+    spec_hash: str
+    labels: str           # canonical
+    window_start: int
+    sender: str           # the report's device_id (a regional aggregator's, when forwarded)
+    envelope_bytes: int
+
+    @classmethod
+    def of(cls, c: _Checked, outcome: IngestOutcome) -> Stored:
+        meta = c.meta
+        return cls(outcome, meta.spec_hash, canonical_labels(meta.labels),
+                   meta.window_start_unix_s, meta.device_id, len(c.envelope))
+
+
+@dataclass(frozen=True, slots=True)
 class _Checked:
     """A report that passed authentication and validation, ready for the store."""
 
@@ -131,7 +151,8 @@ class Ingestor:
     def __init__(self, store: Store, limits: Limits = Limits(),
                  on_accepted: Callable[[str, int, str], None] | None = None, *,
                  keys: DeviceKeys | None = None,
-                 require_signatures: bool | None = None) -> None:
+                 require_signatures: bool | None = None,
+                 process: IngestProcess | None = None) -> None:
         if require_signatures is None:
             require_signatures = keys is not None
         if require_signatures and keys is None:
@@ -157,9 +178,13 @@ class Ingestor:
         self._bytes_total: collections.Counter[tuple[str, str]] = collections.Counter()
         self._bytes_hourly: dict[int, collections.Counter[tuple[str, str]]] = {}
         self._batcher: Batcher[_Received, IngestOutcome] = Batcher(self._process, MAX_BATCH)
-        # For `ingest_async` (the asyncio server): its batches, on a thread of their own.
+        # For `ingest_async` (the asyncio server): its batches, on a thread of their own,
+        # checked and stored there or, with ``process``, in that child process (it uses its
+        # own connection to the same database; `store` is then only read by this one).
+        self.process = process
         self._writer: BatchWriter[_Received, IngestOutcome] = BatchWriter(
-            self._process, MAX_BATCH, on_abandoned=self._count_abandoned)
+            self._process if process is None else self._process_remote, MAX_BATCH,
+            on_abandoned=self._count_abandoned)
 
     def _spec(self, spec_hash: str) -> Spec | None:
         spec = self._specs.get(spec_hash)
@@ -343,9 +368,27 @@ class Ingestor:
         return await self._writer.submit(received)
 
     def close(self) -> None:
-        """Finish the async writer's queued batches and stop its thread (`ingest` needs no
-        closing). Call before closing the store."""
+        """Finish the async writer's queued batches and stop its thread, and the ingest
+        process (`ingest` needs no closing). Call before closing the store."""
         self._writer.close()
+        if self.process is not None:
+            self.process.close()
+
+    def _process_remote(self, batch: list[_Received]) -> list[IngestOutcome | BaseException]:
+        """`_process` with the checks and the store's transaction in the ingest process;
+        counted here, as `_process` counts (raises IngestUnavailable for the whole batch)."""
+        assert self.process is not None
+        out: list[IngestOutcome | BaseException] = []
+        for result in self.process.run(batch):
+            if isinstance(result, Stored):
+                self._count(result)
+                out.append(result.outcome)
+            else:
+                if isinstance(result, IngestRejected):
+                    with self._lock:
+                        self.rejected[result.reason] += 1
+                out.append(result)
+        return out
 
     def _receive(self, envelope_bytes: bytes, peer_device_id: str | None,
                  peer_aggregator_id: str | None) -> _Received:
@@ -364,8 +407,18 @@ class Ingestor:
 
     def _process(self, batch: list[_Received]) -> list[IngestOutcome | BaseException]:
         """One batch (the leader's call): check each report, store the good ones together,
-        count and announce what was accepted."""
-        results: list[IngestOutcome | BaseException | None] = [None] * len(batch)
+        count and announce what was stored."""
+        results = self.check_and_store(batch)
+        for result in results:
+            if isinstance(result, Stored):
+                self._count(result)
+        return [r.outcome if isinstance(r, Stored) else r for r in results]
+
+    def check_and_store(self, batch: Sequence[_Received]) -> list[Stored | BaseException]:
+        """Check each report and store the good ones together: per report what the store
+        made of it, or its exception. Counts refusals (`_reject`), not what was stored (the
+        caller's `_count`: `aggregator.ingest_process` runs this in another process)."""
+        results: list[Stored | BaseException | None] = [None] * len(batch)
         ready: list[tuple[int, _Checked]] = []
         for i, received in enumerate(batch):
             try:
@@ -377,7 +430,7 @@ class Ingestor:
                 # The rare path, one report at a time: a report that adds a label value
                 # is checked against the limits and stored under the labels lock.
                 try:
-                    results[i] = self._store_adding_labels(checked)
+                    results[i] = Stored.of(checked, self._store_adding_labels(checked))
                 except Exception as e:
                     results[i] = e
                 continue
@@ -387,9 +440,8 @@ class Ingestor:
                 (c.meta, c.envelope, c.summary, c.resolutions, c.contributions)
                 for _, c in ready])
             for (i, checked), outcome in zip(ready, stored, strict=True):
-                results[i] = outcome
-                if not isinstance(outcome, BaseException):
-                    self._count(checked, outcome)
+                results[i] = (outcome if isinstance(outcome, BaseException)
+                              else Stored.of(checked, outcome))
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
@@ -400,12 +452,11 @@ class Ingestor:
                                         c.contributions)
             if outcome is IngestOutcome.ACCEPTED:
                 self._remember_labels(c.spec.model, c.meta.labels)
-        self._count(c, outcome)
         return outcome
 
-    def _count(self, c: _Checked, outcome: IngestOutcome) -> None:
+    def _count(self, s: Stored) -> None:
         """Count a stored report's outcome and tell `on_accepted` of an accepted one."""
-        meta = c.meta
+        outcome = s.outcome
         with self._lock:
             if outcome is IngestOutcome.DUPLICATE:
                 self.duplicates += 1
@@ -415,11 +466,10 @@ class Ingestor:
                 self.rejected[outcome.value] += 1
             else:
                 self.accepted += 1
-                self._count_bytes((meta.spec_hash, canonical_labels(meta.labels)),
-                                  len(c.envelope))
+                self._count_bytes((s.spec_hash, s.labels), s.envelope_bytes)
         if outcome is IngestOutcome.ACCEPTED and self.on_accepted is not None:
             try:
-                self.on_accepted(meta.spec_hash, meta.window_start_unix_s, meta.device_id)
+                self.on_accepted(s.spec_hash, s.window_start, s.sender)
             except Exception:  # the report is stored: a hook's bug must not fail the RPC
                 logger.exception("on_accepted hook failed")
 

@@ -35,6 +35,7 @@ from aggregator.cert_reload import ServerCertificates
 from aggregator.forward import ForwardConfig, Forwarder
 from aggregator.http import HttpContext, start_http
 from aggregator.ingest import Ingestor
+from aggregator.ingest_process import IngestProcess
 from aggregator.keys import DeviceKeys
 from aggregator.loopback import is_loopback
 from aggregator.metrics import AlertCounter, Metrics, MetricsConfig
@@ -56,6 +57,9 @@ class AggregatorConfig:
     db: str | pathlib.Path
     listen: str = "127.0.0.1:7070"
     workers: int = 8
+    # Check and store reports in a child process with its own GIL (`aggregator.ingest_process`):
+    # on two or more cores, the event loop and the ingest work then run side by side.
+    ingest_process: bool = False
     # Largest Report envelope taken, far below gRPC's 4 MiB default. A large realistic report
     # (50 features x 20 bins of noisy counts, a prediction histogram, 10-class labels, a KLL
     # sketch of 10k latencies, 32 labels of 64 characters, a signature) serializes to ~9.7 kB
@@ -230,11 +234,23 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
             forwarder.close()
         store.close()
         raise
+    try:
+        process = (IngestProcess(config.db, forwarding=config.forward is not None,
+                                 limits=config.limits) if config.ingest_process else None)
+    except BaseException:
+        if evaluator is not None:
+            evaluator.close(timeout_s=0.0)
+        if forwarder is not None:
+            forwarder.close()
+        store.close()
+        raise
     ingestor = Ingestor(store, config.limits,
                         on_accepted=_on_accepted(evaluator, forwarder),
                         keys=(None if config.signing_keys_dir is None
                               else DeviceKeys(config.signing_keys_dir)),
-                        require_signatures=config.require_signatures)
+                        require_signatures=config.require_signatures, process=process)
+    if process is not None:
+        logger.info("reports checked and stored by ingest process %s", process.pid)
     if ingestor.keys is not None:
         logger.info("report signatures: verified with keys from %s/devices, %s",
                     config.signing_keys_dir, "required" if ingestor.require_signatures

@@ -29,6 +29,7 @@ from aggregator.ingest import (
     Unauthenticated,
     UnknownSpec,
 )
+from aggregator.ingest_process import IngestUnavailable
 from aggregator.kll_check import check_kll_floats
 from aggregator.query import (
     CohortHealth,
@@ -61,6 +62,7 @@ _STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (SpecError, grpc.StatusCode.INVALID_ARGUMENT),
     (QueryError, grpc.StatusCode.NOT_FOUND),
     (WriterClosed, grpc.StatusCode.UNAVAILABLE),  # the server is stopping: the device retries
+    (IngestUnavailable, grpc.StatusCode.UNAVAILABLE),  # the ingest process died: retried
 ]
 
 

@@ -46,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,11 +168,35 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process has used so far, from /proc (Linux)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    # utime and stime are the 14th and 15th fields; the two after ")" start at the 3rd
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User plus system CPU time a process and its live descendants (the aggregator's ingest
+    process) have used so far, from /proc (Linux)."""
+    total = 0.0
+    for p in [pid, *_descendants(pid)]:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:  # exited meanwhile
+            continue
+        # utime and stime are the 14th and 15th fields; the two after ")" start at the 3rd
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids = [int(x) for x in f.read().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            out += [kid, *_descendants(kid)]
+    return out
 
 
 def own_cpu_seconds() -> float:
@@ -191,12 +215,14 @@ def rss_bytes(pid: int) -> int:
 
 @contextlib.contextmanager
 def aggregator_process(db: pathlib.Path, port: int, security: Security, workers: int,
-                       log: pathlib.Path) -> Iterator[subprocess.Popen[bytes]]:
+                       log: pathlib.Path, extra_args: Sequence[str] = ()
+                       ) -> Iterator[subprocess.Popen[bytes]]:
     """`fleetwatch serve` until the block ends (SIGTERM, then SIGKILL after 15 s)."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "aggregator.cli", "serve", "--db", str(db), "--listen",
-             f"127.0.0.1:{port}", "--workers", str(workers), *security.serve_args()],
+             f"127.0.0.1:{port}", "--workers", str(workers), *security.serve_args(),
+             *extra_args],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -366,21 +392,24 @@ def stored_reports(db: str | pathlib.Path) -> int:
 
 def run(duration_s: float, devices: int, security: Security, workers: int,
         workdir: pathlib.Path, progress: Any = None, postgres: str | None = None,
-        replicas: int = 1) -> dict[str, Any]:
+        replicas: int = 1, ingest_process: bool = False) -> dict[str, Any]:
     """With ``postgres`` (a server URL) the aggregators share a fresh database there:
-    ``replicas`` `fleetwatch serve` processes, the devices spread over them round-robin."""
+    ``replicas`` `fleetwatch serve` processes, the devices spread over them round-robin.
+    ``ingest_process``: `fleetwatch serve --ingest-process` (its CPU counted with the
+    server's)."""
     with contextlib.ExitStack() as stack:
         db: str | pathlib.Path = workdir / "aggregator.sqlite"
         if postgres:
             db = stack.enter_context(fresh_postgres_database(postgres))
         elif replicas != 1:
             raise UsageError("--replicas needs --postgres (replicas share one database)")
-        return _run(duration_s, devices, security, workers, workdir, progress, db, replicas)
+        return _run(duration_s, devices, security, workers, workdir, progress, db, replicas,
+                    ["--ingest-process"] if ingest_process else [])
 
 
 def _run(duration_s: float, devices: int, security: Security, workers: int,
          workdir: pathlib.Path, progress: Any, db: str | pathlib.Path,
-         replicas: int) -> dict[str, Any]:
+         replicas: int, extra_args: Sequence[str] = ()) -> dict[str, Any]:
     say = progress or (lambda message: None)
     device_ids = [f"load-{i:04d}" for i in range(devices)]
     security.prepare(device_ids)
@@ -391,7 +420,8 @@ def _run(duration_s: float, devices: int, security: Security, workers: int,
     target = targets[0]
     with contextlib.ExitStack() as servers:
         procs = [servers.enter_context(aggregator_process(
-            db, port, security, workers, workdir / f"serve-{i}.log"))  # type: ignore[arg-type]
+            db, port, security, workers, workdir / f"serve-{i}.log",  # type: ignore[arg-type]
+            extra_args))
             for i, port in enumerate(ports)]
         proc = procs[0]
         with security.channel(target, None) as admin_channel:
@@ -461,6 +491,7 @@ def _run(duration_s: float, devices: int, security: Security, workers: int,
         "tls": security.tls_dir is not None,
         "signed": security.sign,
         "workers": workers,
+        "ingest_process": "--ingest-process" in extra_args,
         "reports": acked,
         "reports_per_s": round(acked / elapsed, 1) if elapsed > 0 else 0.0,
         "duplicates": sum(r.duplicates for r in results),
@@ -514,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="aggregator processes on the one database, devices spread over them "
                    "(needs --postgres; default: %(default)s)")
+    p.add_argument("--ingest-process", action="store_true",
+                   help="serve with --ingest-process (reports checked and stored in a child "
+                   "process)")
     ns = p.parse_args(argv)
     if not ns.duration > 0 or ns.devices < 1 or ns.workers < 1:
         p.error("--duration must be > 0, --devices and --workers at least 1")
@@ -532,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = run(ns.duration, ns.devices, security, ns.workers, workdir,
                          progress=lambda m: print(m, file=sys.stderr, flush=True),
-                         postgres=ns.postgres, replicas=ns.replicas)
+                         postgres=ns.postgres, replicas=ns.replicas,
+                         ingest_process=ns.ingest_process)
         except UsageError as e:
             print(f"load_test: {e}", file=sys.stderr)
             return 2

@@ -210,14 +210,25 @@ def test_calls_whose_deadline_passed_in_the_queue_are_not_merged(
     assert stored(db) == [("dev-1", 1), ("dev-1", 3)]
 
 
+@pytest.mark.parametrize("ingest_process", [False, True], ids=["writer-thread",
+                                                                 "ingest-process"])
 def test_concurrent_devices_each_get_their_own_answer_and_share_commits(
-        aggregator: RunningAggregator, spec, window_base: int, report_rpc) -> None:
-    """24 devices at once over gRPC (the asyncio server's Report, the writer's batches):
-    every good report is stored exactly once in shared transactions, a lost
-    acknowledgement's resend is DUPLICATE, a bad report fails alone."""
+        start_aggregator, tmp_path: Path, spec, window_base: int, report_rpc,
+        ingest_process: bool) -> None:
+    """24 devices at once over gRPC (the asyncio server's Report, the writer's batches, in
+    this process or in the ingest process): every good report is stored exactly once in
+    shared transactions, a lost acknowledgement's resend is DUPLICATE, a bad report fails
+    alone, and the counters say so."""
+    with start_aggregator(tmp_path / "agg.sqlite", ingest_process=ingest_process) as agg:
+        assert (agg.ingestor.process is not None) is ingest_process
+        _concurrent_devices(agg, spec, window_base, report_rpc)
+
+
+def _concurrent_devices(aggregator: RunningAggregator, spec, window_base: int,
+                        report_rpc) -> None:
     send = report_rpc(aggregator.target)
     send(envelope(spec, 1, window_base, device="warm"), timeout=10)  # labels known
-    commits = aggregator.store.ingest_commits
+    batches = aggregator.ingestor._writer.batches
 
     def device(i: int) -> dict[int, object]:
         out: dict[int, object] = {}
@@ -245,7 +256,7 @@ def test_concurrent_devices_each_get_their_own_answer_and_share_commits(
         assert out == expected, i
     rows = stored(aggregator_db(aggregator))
     assert len(rows) == 1 + 24 * 10 - 1 and len(set(rows)) == len(rows)
-    assert aggregator.store.ingest_commits - commits < 24 * 10  # batched, not one per report
+    assert aggregator.ingestor._writer.batches - batches < 24 * 10  # batched, not one each
     # Other bytes under a stored seq: refused (STALE_SEQ), and the device learns its mark.
     response = send(envelope(spec, 1, window_base, device="dev-00"), timeout=10)
     assert (response.status, response.high_water_mark) == (pb.ReportResponse.STALE_SEQ, 10)

@@ -1,0 +1,181 @@
+"""Reports checked and stored by a child process with a GIL of its own (``--ingest-process``).
+
+In one process the event loop (gRPC, TLS, envelopes, signatures) and the ingest writer
+(parsing, validation, merges, the store's transaction) take turns on one GIL: each report
+costs the sum of the two. With the writer's work in a child process they run side by side,
+on two cores, and a report costs the larger of the two (docs/performance.md, "ingest").
+
+The parent's writer thread (`aggregator.batch_writer`) sends each batch down a pipe: per
+report its envelope, report bytes, signer and peer identities, already authenticated. The
+child runs `Ingestor.check_and_store` on its own connection to the database (SQLite file or
+PostgreSQL, the parent keeps its own for queries) and answers per report with what the store
+made of it (`ingest.Stored`) or the refusal (reason, field, message); the parent counts them
+and calls its `on_accepted` hooks, so counters, alerts and forwarding behave as in one
+process. The child is started with ``spawn`` (a fresh interpreter: gRPC's threads do not
+survive a fork). If it dies, the batch in flight fails with UNAVAILABLE (the devices retry;
+what it had committed is then a duplicate, never merged twice) and the next batch starts a
+new child.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import pathlib
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from aggregator.validate import Limits
+
+__all__ = ["IngestProcess", "IngestUnavailable"]
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 120.0
+
+
+class IngestUnavailable(RuntimeError):
+    """The ingest process died or could not start: the reports of the batch may be retried."""
+
+
+def _encode(result: Any) -> tuple[Any, ...]:
+    from aggregator.ingest import IngestRejected, Stored
+
+    if isinstance(result, Stored):
+        return ("stored", result)
+    if isinstance(result, IngestRejected):
+        return ("rejected", type(result).__name__, result.reason, result.field, result.message)
+    return ("error", f"{type(result).__name__}: {result}")
+
+
+def _decode(entry: tuple[Any, ...]) -> Any:
+    from aggregator import ingest
+
+    kind = entry[0]
+    if kind == "stored":
+        return entry[1]
+    if kind == "rejected":
+        cls = getattr(ingest, entry[1], None)
+        if not (isinstance(cls, type) and issubclass(cls, ingest.IngestRejected)):
+            cls = ingest.IngestRejected
+        return cls(entry[2], entry[3], entry[4])
+    return RuntimeError(f"ingest process: {entry[1]}")
+
+
+def _child_main(conn: multiprocessing.connection.Connection, db: str, forwarding: bool,
+                limits: Limits) -> None:
+    """The child: one Ingestor on its own store, one batch per message, until None."""
+    from aggregator.ingest import Ingestor, _Received
+    from aggregator.store import open_store
+
+    store = open_store(db, forwarding=forwarding, readers=2)
+    try:
+        ingestor = Ingestor(store, limits)  # envelopes arrive authenticated: no keys here
+        conn.send(("ready",))
+        while True:
+            try:
+                message = conn.recv()
+            except EOFError:
+                return  # the parent is gone
+            if message is None:
+                return
+            batch = [_Received(*fields) for fields in message]
+            try:
+                results = [_encode(r) for r in ingestor.check_and_store(batch)]
+            except Exception as e:  # the batch's own failure: every report gets it
+                results = [_encode(e)] * len(batch)
+            conn.send(results)
+    finally:
+        store.close()
+
+
+class IngestProcess:
+    """The child process and its pipe; `run` is called by one thread at a time (the
+    parent's writer thread)."""
+
+    def __init__(self, db: str | pathlib.Path, *, forwarding: bool = False,
+                 limits: Limits = Limits()) -> None:
+        self._args = (str(db), forwarding, limits)
+        self._context = multiprocessing.get_context("spawn")
+        self._lock = threading.Lock()
+        self._proc: Any = None
+        self._conn: multiprocessing.connection.Connection | None = None
+        self.starts = 0  # children started so far (tests, logs)
+        self._start()
+
+    def _start(self) -> None:
+        parent, child = self._context.Pipe()
+        proc = self._context.Process(target=_child_main, args=(child, *self._args),
+                                     name="fleetwatch-ingest-process", daemon=True)
+        proc.start()
+        child.close()
+        try:
+            if not parent.poll(START_TIMEOUT_S) or parent.recv() != ("ready",):
+                raise IngestUnavailable("the ingest process did not start")
+        except (EOFError, OSError) as e:
+            proc.join(5)
+            raise IngestUnavailable(f"the ingest process exited at start (exit code "
+                                    f"{proc.exitcode})") from e
+        except BaseException:
+            proc.kill()
+            raise
+        self._proc, self._conn = proc, parent
+        self.starts += 1
+        logger.info("ingest process %d started", proc.pid)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def run(self, batch: Sequence[Any]) -> list[Any]:
+        """Check and store a batch of `ingest._Received` in the child: per report an
+        `ingest.Stored` or its exception. Raises IngestUnavailable when the child is gone."""
+        with self._lock:
+            if self._conn is None:
+                self._start()  # the previous child died: this batch gets a new one
+            assert self._conn is not None
+            try:
+                self._conn.send([(r.envelope, r.report, r.signer, r.peer_device_id,
+                                  r.peer_aggregator_id) for r in batch])
+                answer = self._conn.recv()
+            except (EOFError, OSError) as e:
+                self._reap()
+                raise IngestUnavailable("the ingest process died; the reports may be sent "
+                                        "again") from e
+        if len(answer) != len(batch):
+            raise RuntimeError(f"ingest process answered {len(answer)} results for "
+                               f"{len(batch)} reports")
+        return [_decode(entry) for entry in answer]
+
+    def _reap(self) -> None:
+        proc, self._proc = self._proc, None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+        if proc is not None:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+            logger.error("ingest process %d exited (code %s)", proc.pid, proc.exitcode)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the child after the batch in flight (call after the writer's close)."""
+        with self._lock:
+            proc, conn = self._proc, self._conn
+            self._proc = self._conn = None
+        if conn is not None:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+            conn.close()
+        if proc is not None:
+            proc.join(timeout_s)
+            if proc.is_alive():
+                logger.error("ingest process %d did not stop within %ss: killed", proc.pid,
+                             timeout_s)
+                proc.kill()
+                proc.join(5)
