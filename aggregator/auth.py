@@ -73,11 +73,35 @@ def _auth_context(context: grpc.ServicerContext) -> Mapping[str, Any]:
 
 def peer_identity(context: grpc.ServicerContext) -> Identity | None:
     """The one fleetwatch SPIFFE identity in the peer's certificate, or None (no TLS, no
-    client certificate, no such SAN, or two different ones: ambiguous, so none)."""
-    found: set[Identity] = set()
+    client certificate, no such SAN, or two different ones: ambiguous, so none).
+
+    Asked by the interceptor and twice by the Report handler: worked out once per call (on
+    the context, like `_auth_context`), and once per distinct set of SANs."""
+    cached = getattr(context, "_fleetwatch_identity", _NOT_YET)
+    if cached is not _NOT_YET:
+        return cached  # type: ignore[no-any-return]
     auth = _auth_context(context)
-    for key in _SAN_KEYS:
-        for raw in auth.get(key, ()):
+    sans = tuple(tuple(auth.get(key, ())) for key in _SAN_KEYS)
+    identity = _identities.get(sans, _NOT_YET)
+    if identity is _NOT_YET:
+        identity = _identity_of(sans)
+        if len(_identities) >= 10_000:  # bounded: a fleet's distinct certificates
+            _identities.clear()
+        _identities[sans] = identity
+    try:
+        context._fleetwatch_identity = identity  # type: ignore[attr-defined]
+    except AttributeError:  # a context type that takes no attributes
+        pass
+    return identity  # type: ignore[return-value]
+
+
+_identities: dict[tuple[tuple[Any, ...], ...], Identity | None] = {}
+
+
+def _identity_of(sans: tuple[tuple[Any, ...], ...]) -> Identity | None:
+    found: set[Identity] = set()
+    for values in sans:
+        for raw in values:
             try:
                 text = raw.decode("ascii") if isinstance(raw, bytes) else str(raw)
             except UnicodeDecodeError:
@@ -228,6 +252,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, revoked: RevocationList | None, count: Callable[[str], None]) -> None:
         self.revoked = revoked
         self.count = count
+        # method -> (its handler, the guarded handler): built once, not on every call.
+        self._guarded: dict[str, tuple[Any, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(self, continuation: Callable[[Any], Any],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -235,10 +261,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED
             return None
         method = handler_call_details.method
+        known = self._guarded.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
         if handler.unary_unary is not None:
-            return _guard_unary(handler, lambda ctx: self.refusal(method, ctx))
-        # No streaming RPC exists today; guard one anyway, after deserialization.
-        return _guard_streaming(handler, lambda ctx: self.refusal(method, ctx))
+            guarded = _guard_unary(handler, lambda ctx: self.refusal(method, ctx))
+        else:  # no streaming RPC exists today; guard one anyway, after deserialization
+            guarded = _guard_streaming(handler, lambda ctx: self.refusal(method, ctx))
+        if len(self._guarded) < 1000:  # the service's methods (not callers' made-up names)
+            self._guarded[method] = (handler, guarded)
+        return guarded
 
     def _check(self, method: str, context: grpc.ServicerContext) -> None:
         """Return normally, or abort the call (which raises)."""
