@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -64,7 +65,6 @@ BENCHES = ("agent-batch", "agent-event", "footprint", "report-size", "ingest", "
            "central")
 FEATURES = 12
 BINS = 20  # interior bins per feature: 21 edges, plus underflow, overflow and missing
-ECHO_METHOD = "/fleetwatch.bench.Echo/Report"
 
 
 @dataclass(frozen=True)
@@ -438,7 +438,8 @@ def serve_echo(port: int, tls_dir: str, workers: int, response_size: int) -> Non
     def handle(request: bytes, context: Any) -> bytes:
         return answer
 
-    handler = grpc.method_handlers_generic_handler("fleetwatch.bench.Echo", {
+    # Served as Ingest/Report: the devices' own loop (`load_test.run_device`) calls it.
+    handler = grpc.method_handlers_generic_handler("fleetwatch.v1.Ingest", {
         "Report": grpc.unary_unary_rpc_method_handler(
             handle, request_deserializer=None, response_serializer=None)})
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
@@ -457,6 +458,7 @@ def run_echo(security: Any, device_ids: list[str], payload: bytes, response_size
     the CPU ms per call of the echo server and of the clients."""
     import grpc
 
+    from scripts import load_test
     from scripts.load_test import cpu_seconds, free_port, own_cpu_seconds
 
     port = free_port()
@@ -472,24 +474,22 @@ def run_echo(security: Any, device_ids: list[str], payload: bytes, response_size
         try:
             for c in channels:
                 grpc.channel_ready_future(c).result(timeout=30)
-            counts = [0] * len(channels)
-            stop_at = time.monotonic() + duration_s
-
-            def device(i: int) -> None:
-                send = channels[i].unary_unary(ECHO_METHOD)
-                while time.monotonic() < stop_at:
-                    send(payload, timeout=10)
-                    counts[i] += 1
-
+            # The very loop the devices run against the aggregator (send, decode the ack,
+            # time the call): the two runs differ in the server only.
+            results = [load_test.DeviceResult() for _ in channels]
             t0 = time.monotonic()
             cpu0 = cpu_seconds(proc.pid), own_cpu_seconds()
-            threads = [threading.Thread(target=device, args=(i,), daemon=True)
-                       for i in range(len(channels))]
+            threads = [threading.Thread(
+                target=load_test.run_device,
+                args=(d, itertools.repeat(payload), channels[i], t0 + duration_s, results[i]),
+                daemon=True) for i, d in enumerate(device_ids)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
-            calls, elapsed = sum(counts), time.monotonic() - t0
+            if any(r.errors for r in results):
+                raise RuntimeError(f"echo calls failed: {[dict(r.errors) for r in results]}")
+            calls, elapsed = sum(r.acked for r in results), time.monotonic() - t0
             server_ms = (cpu_seconds(proc.pid) - cpu0[0]) * 1000 / max(1, calls)
             client_ms = (own_cpu_seconds() - cpu0[1]) * 1000 / max(1, calls)
             return calls / elapsed, server_ms, client_ms
