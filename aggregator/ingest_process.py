@@ -34,6 +34,10 @@ __all__ = ["IngestProcess", "IngestUnavailable"]
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120.0
+# A batch's answer, at most: a child that takes longer (a hung disk or database) is killed
+# and replaced, and the batch's reports are retried by their devices, rather than every
+# Report call waiting behind it for ever.
+ANSWER_TIMEOUT_S = 120.0
 
 
 class IngestUnavailable(RuntimeError):
@@ -139,6 +143,11 @@ class IngestProcess:
             try:
                 self._conn.send([(r.envelope, r.report, r.signer, r.peer_device_id,
                                   r.peer_aggregator_id) for r in batch])
+                if not self._conn.poll(ANSWER_TIMEOUT_S):
+                    self._reap(kill=True)
+                    raise IngestUnavailable(f"the ingest process did not answer within "
+                                            f"{ANSWER_TIMEOUT_S:g} s: replaced; the reports "
+                                            "may be sent again")
                 answer = self._conn.recv()
             except (EOFError, OSError) as e:
                 self._reap()
@@ -149,12 +158,14 @@ class IngestProcess:
                                f"{len(batch)} reports")
         return [_decode(entry) for entry in answer]
 
-    def _reap(self) -> None:
+    def _reap(self, kill: bool = False) -> None:
         proc, self._proc = self._proc, None
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
         if proc is not None:
+            if kill:
+                proc.kill()
             proc.join(5)
             if proc.is_alive():
                 proc.kill()

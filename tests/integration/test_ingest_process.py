@@ -103,3 +103,34 @@ def test_a_killed_ingest_process_is_replaced_and_nothing_is_lost_or_doubled(
         assert process.starts == 2
         assert stats(agg.target).accepted == 3
     assert stored(db) == [("dev-1", 1), ("dev-1", 2), ("dev-1", 3)]
+
+
+def test_an_ingest_process_that_does_not_answer_is_replaced(
+        start_aggregator, tmp_path: Path, spec, window_base: int, report_rpc,
+        monkeypatch) -> None:
+    """A child stuck on the database (here: a lock held by another connection) is killed after
+    ANSWER_TIMEOUT_S and its batch answered UNAVAILABLE; the retry is stored, once."""
+    import sqlite3
+
+    from aggregator import ingest_process
+
+    db = tmp_path / "agg.sqlite"
+    with start_aggregator(db, ingest_process=True) as agg:
+        send = report_rpc(agg.target)
+        assert send(envelope(spec, 1, window_base), timeout=30).status == \
+            pb.ReportResponse.ACCEPTED
+        monkeypatch.setattr(ingest_process, "ANSWER_TIMEOUT_S", 1.0)
+        blocker = sqlite3.connect(db, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")  # the child's next commit waits behind it
+        try:
+            with pytest.raises(grpc.RpcError) as e:
+                send(envelope(spec, 2, window_base + 60), timeout=30)
+            assert e.value.code() == Status.UNAVAILABLE
+            assert "did not answer" in e.value.details()
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert send(envelope(spec, 2, window_base + 60), timeout=30).status == \
+            pb.ReportResponse.ACCEPTED
+        assert agg.ingestor.process.starts == 2
+    assert stored(db) == [("dev-1", 1), ("dev-1", 2)]
