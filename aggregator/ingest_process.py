@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import pathlib
+import signal
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -71,6 +72,9 @@ def _decode(entry: tuple[Any, ...]) -> Any:
 def _child_main(conn: multiprocessing.connection.Connection, db: str, forwarding: bool,
                 limits: Limits) -> None:
     """The child: one Ingestor on its own store, one batch per message, until None."""
+    # Ctrl-C reaches the whole process group: the server stops, and stops this child after
+    # the batch in flight (or this child sees the pipe close).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from aggregator.ingest import Ingestor, _Received
     from aggregator.store import open_store
 
