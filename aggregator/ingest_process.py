@@ -11,19 +11,24 @@ child runs `Ingestor.check_and_store` on its own connection to the database (SQL
 PostgreSQL, the parent keeps its own for queries) and answers per report with what the store
 made of it (`ingest.Stored`) or the refusal (reason, field, message); the parent counts them
 and calls its `on_accepted` hooks, so counters, alerts and forwarding behave as in one
-process. The child is started with ``spawn`` (a fresh interpreter: gRPC's threads do not
-survive a fork). If it dies, the batch in flight fails with UNAVAILABLE (the devices retry;
-what it had committed is then a duplicate, never merged twice) and the next batch starts a
-new child.
+process. The child is a fresh interpreter, ``python -m aggregator.ingest_process FD``, talking
+over a socket pair (gRPC's threads do not survive a fork; and unlike multiprocessing's
+``spawn`` it does not import the caller's ``__main__`` again, so a script that calls `serve`
+needs no ``if __name__ == "__main__"`` guard). If it dies, the batch in flight fails with
+UNAVAILABLE (the devices retry; what it had committed is then a duplicate, never merged
+twice) and the next batch starts a new child.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import multiprocessing.connection
+import os
 import pathlib
 import signal
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -69,15 +74,17 @@ def _decode(entry: tuple[Any, ...]) -> Any:
     return RuntimeError(f"ingest process: {entry[1]}")
 
 
-def _child_main(conn: multiprocessing.connection.Connection, db: str, forwarding: bool,
-                limits: Limits) -> None:
-    """The child: one Ingestor on its own store, one batch per message, until None."""
+def _child_main(fd: int) -> None:
+    """The child: its settings first, then one Ingestor on its own store, one batch per
+    message, until None."""
     # Ctrl-C reaches the whole process group: the server stops, and stops this child after
     # the batch in flight (or this child sees the pipe close).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from aggregator.ingest import Ingestor, _Received
     from aggregator.store import open_store
 
+    conn = multiprocessing.connection.Connection(fd)
+    db, forwarding, limits = conn.recv()
     store = open_store(db, forwarding=forwarding, readers=2)
     try:
         ingestor = Ingestor(store, limits)  # envelopes arrive authenticated: no keys here
@@ -105,31 +112,42 @@ class IngestProcess:
 
     def __init__(self, db: str | pathlib.Path, *, forwarding: bool = False,
                  limits: Limits = Limits()) -> None:
-        self._args = (str(db), forwarding, limits)
-        self._context = multiprocessing.get_context("spawn")
+        self._settings = (str(db), forwarding, limits)
         self._lock = threading.Lock()
-        self._proc: Any = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._conn: multiprocessing.connection.Connection | None = None
         self.starts = 0  # children started so far (tests, logs)
         self._start()
 
     def _start(self) -> None:
-        parent, child = self._context.Pipe()
-        proc = self._context.Process(target=_child_main, args=(child, *self._args),
-                                     name="fleetwatch-ingest-process", daemon=True)
-        proc.start()
-        child.close()
+        ours, theirs = socket.socketpair()
+        # The child imports what this process imports, from where it finds it.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:
-            if not parent.poll(START_TIMEOUT_S) or parent.recv() != ("ready",):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "aggregator.ingest_process", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
+        except OSError as e:
+            ours.close()
+            raise IngestUnavailable(f"the ingest process could not start: {e}") from e
+        finally:
+            theirs.close()
+        conn = multiprocessing.connection.Connection(ours.detach())
+        try:
+            conn.send(self._settings)
+            if not conn.poll(START_TIMEOUT_S) or conn.recv() != ("ready",):
                 raise IngestUnavailable("the ingest process did not start")
         except (EOFError, OSError) as e:
-            proc.join(5)
+            conn.close()
+            code = _wait(proc, 5)
             raise IngestUnavailable(f"the ingest process exited at start (exit code "
-                                    f"{proc.exitcode})") from e
+                                    f"{code})") from e
         except BaseException:
+            conn.close()
             proc.kill()
+            _wait(proc, 5)
             raise
-        self._proc, self._conn = proc, parent
+        self._proc, self._conn = proc, conn
         self.starts += 1
         logger.info("ingest process %d started", proc.pid)
 
@@ -170,11 +188,11 @@ class IngestProcess:
         if proc is not None:
             if kill:
                 proc.kill()
-            proc.join(5)
-            if proc.is_alive():
+            code = _wait(proc, 5)
+            if code is None:
                 proc.kill()
-                proc.join(5)
-            logger.error("ingest process %d exited (code %s)", proc.pid, proc.exitcode)
+                code = _wait(proc, 5)
+            logger.error("ingest process %d exited (code %s)", proc.pid, code)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the child after the batch in flight (call after the writer's close)."""
@@ -187,10 +205,20 @@ class IngestProcess:
             except OSError:
                 pass
             conn.close()
-        if proc is not None:
-            proc.join(timeout_s)
-            if proc.is_alive():
-                logger.error("ingest process %d did not stop within %ss: killed", proc.pid,
-                             timeout_s)
-                proc.kill()
-                proc.join(5)
+        if proc is not None and _wait(proc, timeout_s) is None:
+            logger.error("ingest process %d did not stop within %ss: killed", proc.pid,
+                         timeout_s)
+            proc.kill()
+            _wait(proc, 5)
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout_s: float) -> int | None:
+    """The exit code, or None if it is still running after ``timeout_s``."""
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+if __name__ == "__main__":
+    _child_main(int(sys.argv[1]))

@@ -270,18 +270,21 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
         store, ingestor, forwarding=None if forwarder is None else forwarder.stats))
     query_handler = _servicer_handler(pb_grpc.add_QueryServicer_to_server,
                                       QueryService(store, alerts=evaluator))
-    server = RpcServer(
-        config.listen, credentials,
-        handlers=[ingest_handler(IngestService(ingestor, store,
-                                               max_message_bytes=config.max_message_bytes)),
-                  admin_handler, query_handler],
-        workers=config.workers,
-        interceptors=interceptors,
-        options=[("grpc.max_receive_message_length", config.grpc_receive_limit),
-                 ("grpc.max_send_message_length", 64 << 20),
-                 ("grpc.so_reuseport", 0)],
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs)
-    port = server.port
+    try:
+        server = RpcServer(
+            config.listen, credentials,
+            handlers=[ingest_handler(IngestService(ingestor, store,
+                                                   max_message_bytes=config.max_message_bytes)),
+                      admin_handler, query_handler],
+            workers=config.workers,
+            interceptors=interceptors,
+            options=[("grpc.max_receive_message_length", config.grpc_receive_limit),
+                     ("grpc.max_send_message_length", 64 << 20),
+                     ("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+        port, failure = server.port, None
+    except BaseException as e:  # stop what was started, then raise it
+        port, failure = 0, e
     if port == 0:
         ingestor.close()
         if evaluator is not None:
@@ -289,6 +292,8 @@ def serve(config: AggregatorConfig) -> Iterator[RunningAggregator]:
         if forwarder is not None:
             forwarder.close()
         store.close()
+        if failure is not None:
+            raise failure
         raise ConfigError(f"listen: could not bind {config.listen} (in use?)")
     http_server = None
     if config.http_listen is not None:

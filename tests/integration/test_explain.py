@@ -292,9 +292,15 @@ def test_the_cli_prints_a_ranked_table_and_a_verdict(fleet: Fleet,
     assert main(_cli(fleet, "--metric", "psi:brightness", "--by", "region", "--json")) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["metric"] == "psi:brightness" and data["schema"] == 1
-    assert data["contributions"][0]["value"] == "eu"
+    top = data["contributions"][0]
+    assert top["value"] == "eu"
     assert {c["key"] for c in data["contributions"]} == {"region"}
-    assert "region=eu" in data["verdict"]
+    if top["contribution"] is not None and top["contribution"] > 0:
+        assert "region=eu" in data["verdict"]
+    else:
+        # This small fleet's privacy noise can leave the fleet's PSI no higher than the
+        # fleet's without eu (seen once in ~20 full runs): the verdict must then say so.
+        assert "no single cohort explains it" in data["verdict"]
 
 
 def test_the_cli_says_what_to_do_with_a_bad_metric(fleet: Fleet,
