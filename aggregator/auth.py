@@ -268,7 +268,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             guarded = _guard_unary(handler, lambda ctx: self.refusal(method, ctx))
         else:  # no streaming RPC exists today; guard one anyway, after deserialization
             guarded = _guard_streaming(handler, lambda ctx: self.refusal(method, ctx))
-        if len(self._guarded) < 1000:  # the service's methods (not callers' made-up names)
+        if len(self._guarded) < 1000:  # only registered methods get here: a safety bound
             self._guarded[method] = (handler, guarded)
         return guarded
 

@@ -375,20 +375,11 @@ class Ingestor:
             self.process.close()
 
     def _process_remote(self, batch: list[_Received]) -> list[IngestOutcome | BaseException]:
-        """`_process` with the checks and the store's transaction in the ingest process;
-        counted here, as `_process` counts (raises IngestUnavailable for the whole batch)."""
+        """`_process` with the checks and the store's transaction in the ingest process
+        (raises IngestUnavailable for the whole batch). Its refusals were counted there, by
+        its own Ingestor: they are counted here again, in the counters that are read."""
         assert self.process is not None
-        out: list[IngestOutcome | BaseException] = []
-        for result in self.process.run(batch):
-            if isinstance(result, Stored):
-                self._count(result)
-                out.append(result.outcome)
-            else:
-                if isinstance(result, IngestRejected):
-                    with self._lock:
-                        self.rejected[result.reason] += 1
-                out.append(result)
-        return out
+        return self._settle(self.process.run(batch), count_refusals=True)
 
     def _receive(self, envelope_bytes: bytes, peer_device_id: str | None,
                  peer_aggregator_id: str | None) -> _Received:
@@ -408,11 +399,23 @@ class Ingestor:
     def _process(self, batch: list[_Received]) -> list[IngestOutcome | BaseException]:
         """One batch (the leader's call): check each report, store the good ones together,
         count and announce what was stored."""
-        results = self.check_and_store(batch)
+        return self._settle(self.check_and_store(batch))
+
+    def _settle(self, results: Sequence[Stored | BaseException], *,
+                count_refusals: bool = False) -> list[IngestOutcome | BaseException]:
+        """Count and announce what was stored (and, with ``count_refusals``, the refusals);
+        per report its outcome or its exception."""
+        out: list[IngestOutcome | BaseException] = []
         for result in results:
             if isinstance(result, Stored):
                 self._count(result)
-        return [r.outcome if isinstance(r, Stored) else r for r in results]
+                out.append(result.outcome)
+            else:
+                if count_refusals and isinstance(result, IngestRejected):
+                    with self._lock:
+                        self.rejected[result.reason] += 1
+                out.append(result)
+        return out
 
     def check_and_store(self, batch: Sequence[_Received]) -> list[Stored | BaseException]:
         """Check each report and store the good ones together: per report what the store

@@ -404,12 +404,13 @@ def run(duration_s: float, devices: int, security: Security, workers: int,
         elif replicas != 1:
             raise UsageError("--replicas needs --postgres (replicas share one database)")
         return _run(duration_s, devices, security, workers, workdir, progress, db, replicas,
-                    ["--ingest-process"] if ingest_process else [])
+                    ingest_process)
 
 
 def _run(duration_s: float, devices: int, security: Security, workers: int,
          workdir: pathlib.Path, progress: Any, db: str | pathlib.Path,
-         replicas: int, extra_args: Sequence[str] = ()) -> dict[str, Any]:
+         replicas: int, ingest_process: bool) -> dict[str, Any]:
+    extra_args = ["--ingest-process"] if ingest_process else []
     say = progress or (lambda message: None)
     device_ids = [f"load-{i:04d}" for i in range(devices)]
     security.prepare(device_ids)
@@ -491,7 +492,7 @@ def _run(duration_s: float, devices: int, security: Security, workers: int,
         "tls": security.tls_dir is not None,
         "signed": security.sign,
         "workers": workers,
-        "ingest_process": "--ingest-process" in extra_args,
+        "ingest_process": ingest_process,
         "reports": acked,
         "reports_per_s": round(acked / elapsed, 1) if elapsed > 0 else 0.0,
         "duplicates": sum(r.duplicates for r in results),
